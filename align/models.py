@@ -1,0 +1,223 @@
+"""Loading and building models and tokenizers.
+
+Every stage gets its model through `load_model` and its tokenizer through `load_tokenizer`, so
+dtype, quantization, `trust_remote_code`, adapters and chat templates are handled in one place.
+`init_model` builds a small Llama-style model and a byte-level BPE tokenizer from scratch: the
+offline default used by the quickstart, tests and benchmarks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from align.errors import AlignError
+
+# ChatML-style turns. `{% generation %}` marks assistant tokens so TRL can train on them only
+# (assistant_only_loss), and `<|im_end|>` ends every turn: it is the EOS token, so the model learns
+# to stop and generation halts at the end of its turn.
+DEFAULT_CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'assistant' %}"
+    "{{- '<|im_start|>assistant\n' }}"
+    "{%- generation %}{{- message['content'] + '<|im_end|>' }}{%- endgeneration %}"
+    "{{- '\n' }}"
+    "{%- else %}"
+    "{{- '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"
+)
+END_OF_TURN = "<|im_end|>"
+PAD = "<|pad|>"
+SPECIAL_TOKENS = [PAD, "<|im_start|>", END_OF_TURN, "<|endoftext|>"]
+
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def is_adapter(path: str | os.PathLike) -> bool:
+    return (Path(path) / ADAPTER_CONFIG).is_file()
+
+
+def adapter_base(path: str | os.PathLike) -> str:
+    """The base model an adapter folder was trained on."""
+    with open(Path(path) / ADAPTER_CONFIG) as f:
+        return json.load(f)["base_model_name_or_path"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizers
+
+
+def train_tokenizer(texts, vocab_size: int = 1024):
+    """Train a byte-level BPE tokenizer on `texts` and wrap it as a transformers tokenizer.
+
+    Byte-level BPE never meets an unknown character, so any later text tokenizes.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token=END_OF_TURN,
+        pad_token=PAD,
+        bos_token=None,
+        unk_token=None,
+        additional_special_tokens=["<|im_start|>", "<|endoftext|>"],
+    )
+    tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+    return tokenizer
+
+
+def prepare_tokenizer(tokenizer):
+    """Make a tokenizer ready for chat training: a chat template, an EOS and a pad token.
+
+    The pad token is kept distinct from EOS when we add one, because masks inferred from
+    pad == eos hide the real end-of-turn token (see trl PR #5303).
+    """
+    if tokenizer.chat_template is None:
+        if END_OF_TURN not in tokenizer.get_vocab():
+            tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", END_OF_TURN]})
+        tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+        tokenizer.eos_token = END_OF_TURN
+    if tokenizer.eos_token is None:
+        raise AlignError("the tokenizer has no eos_token; set one in the tokenizer files")
+    if tokenizer.pad_token is None:
+        tokenizer.add_special_tokens({"pad_token": PAD})
+    return tokenizer
+
+
+def load_tokenizer(path: str, *, trust_remote_code: bool = False, revision: str | None = None):
+    from transformers import AutoTokenizer
+
+    if is_adapter(path) and not Path(path, "tokenizer_config.json").is_file():
+        path = adapter_base(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, revision=revision)
+    except (OSError, ValueError) as e:
+        raise AlignError(f"model: cannot load a tokenizer from '{path}': {first_line(e)}") from None
+    return prepare_tokenizer(tokenizer)
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+
+
+def torch_dtype(name: str | None):
+    if name in (None, "auto"):
+        return "auto"
+    try:
+        return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+                "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[name]
+    except KeyError:
+        raise AlignError(f"model.dtype: unknown dtype '{name}'; use float32, bfloat16, float16 or auto") from None
+
+
+def quantization_config(block: dict | None):
+    """BitsAndBytesConfig from a recipe `quantization:` block (its fields verbatim)."""
+    if not block:
+        return None
+    from transformers import BitsAndBytesConfig
+
+    fields = dict(block)
+    for key in ("bnb_4bit_compute_dtype", "bnb_4bit_quant_storage"):
+        if isinstance(fields.get(key), str):
+            fields[key] = torch_dtype(fields[key])
+    return BitsAndBytesConfig(**fields)
+
+
+def load_model(
+    path: str,
+    *,
+    kind: str = "causal-lm",
+    dtype: str | None = "auto",
+    quantization: dict | None = None,
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+    num_labels: int = 1,
+):
+    """Load a causal LM (or a one-logit sequence classifier with kind="seq-cls").
+
+    An adapter folder is loaded onto its base and merged, so a stage always starts from plain
+    weights; with quantization the merge happens in full precision first (see `merged_copy`).
+    """
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    cls = AutoModelForSequenceClassification if kind == "seq-cls" else AutoModelForCausalLM
+    kwargs = dict(dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code, revision=revision)
+    if kind == "seq-cls":
+        kwargs["num_labels"] = num_labels
+    qconfig = quantization_config(quantization)
+    if qconfig is not None:
+        kwargs["quantization_config"] = qconfig
+        if torch.cuda.is_available():
+            kwargs["device_map"] = {"": torch.cuda.current_device()}
+    try:
+        if is_adapter(path):
+            model = _load_merged_adapter(path, cls, kwargs)
+        else:
+            model = cls.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as e:
+        raise AlignError(f"model: cannot load '{path}': {first_line(e)}") from None
+    if kind == "seq-cls" and model.config.pad_token_id is None:
+        model.config.pad_token_id = model.config.eos_token_id
+    return model
+
+
+def _load_merged_adapter(path, cls, kwargs):
+    from peft import PeftModel
+
+    quantized = "quantization_config" in kwargs
+    base_kwargs = {k: v for k, v in kwargs.items() if k not in ("quantization_config", "device_map")}
+    base = cls.from_pretrained(adapter_base(path), **base_kwargs)
+    merged = PeftModel.from_pretrained(base, path).merge_and_unload()
+    if not quantized:
+        return merged
+    # bitsandbytes quantizes while loading, so the merged weights go through a saved copy.
+    target = Path(path) / "merged"
+    if not (target / "config.json").is_file():
+        tmp = target.with_name("merged.tmp")
+        merged.save_pretrained(tmp, safe_serialization=True)
+        os.replace(tmp, target)
+    return cls.from_pretrained(target, **kwargs)
+
+
+def init_model(model_fields: dict, tokenizer):
+    """A randomly initialised Llama-style causal LM sized by the recipe (LlamaConfig fields)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    fields = {
+        "hidden_size": 128,
+        "intermediate_size": 512,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "max_position_embeddings": 512,
+        "tie_word_embeddings": True,
+        **model_fields,
+    }
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+        **fields,
+    )
+    return LlamaForCausalLM(config)
+
+
+def first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__

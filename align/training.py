@@ -1,0 +1,162 @@
+"""What every trainer-based stage shares: its TRL config with align's defaults, the model with
+its adapter settings, resume from the last checkpoint, and the final save.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import torch
+
+from align import models
+from align.errors import AlignError
+from align.recipe import check_keys, coerce, suggest
+
+CHECKPOINTS = "checkpoints"
+TRAINING_OPTIONS = {"model", "dataset", "eval_dataset", "peft", "quantization"}
+
+
+def trainer_config(stage, ctx, **stage_defaults):
+    """The stage's TRL config: recipe fields win over stage defaults, which win over align's.
+
+    align's defaults make a run work anywhere: checkpoints inside the stage folder, no external
+    loggers, and fp32 on machines without CUDA (TRL defaults to bf16, which refuses CPU).
+    """
+    on_gpu = torch.cuda.is_available()
+    defaults = {
+        "output_dir": str(stage.dir / CHECKPOINTS),
+        "seed": ctx.seed,
+        "report_to": "none",
+        "save_strategy": "steps",
+        "save_total_limit": 2,
+        "logging_steps": 5,
+        "ddp_find_unused_parameters": False,
+        "disable_tqdm": not ctx.is_main,
+        **({} if on_gpu else {"use_cpu": True, "bf16": False}),
+        **stage_defaults,
+    }
+    args = {**defaults, **stage.args}
+    if args.get("gradient_checkpointing") and not on_gpu and "gradient_checkpointing" not in stage.args:
+        args["gradient_checkpointing"] = False
+    try:
+        return stage.module.Config(**args)
+    except (ValueError, TypeError) as e:
+        raise AlignError(f"stages.{stage.name}: {models.first_line(e)}") from None
+
+
+def check_training_fields(stage):
+    """Checks shared by trainer stages that need no data: run at recipe load time."""
+    where = f"stages.{stage.name}"
+    lr = stage.args.get("learning_rate")
+    if lr is not None and not (lr > 0 and math.isfinite(lr)):
+        raise AlignError(f"{where}.learning_rate: must be a positive number, got {lr}")
+    for key in ("per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs"):
+        if key in stage.args and not stage.args[key] > 0:
+            raise AlignError(f"{where}.{key}: must be positive, got {stage.args[key]}")
+    if "dataset" not in stage.options:
+        raise AlignError(f"{where}.dataset: required, e.g. `dataset: {{path: data/train.jsonl}}`")
+    quant = stage.options.get("quantization")
+    if quant:
+        check_keys(quant, _bnb_fields(), where=f"{where}.quantization", kind="BitsAndBytesConfig field")
+        if not stage.options.get("peft") and (quant.get("load_in_4bit") or quant.get("load_in_8bit")):
+            raise AlignError(f"{where}.quantization: a 4-bit/8-bit model cannot be fully fine-tuned; "
+                             f"add a `peft:` block (QLoRA) or remove `quantization`")
+    if stage.options.get("peft") is not None:
+        peft_config(stage.options["peft"], task_type="CAUSAL_LM", where=f"{where}.peft")
+
+
+def _bnb_fields():
+    import inspect
+
+    from transformers import BitsAndBytesConfig
+
+    return set(inspect.signature(BitsAndBytesConfig.__init__).parameters) - {"self", "kwargs"}
+
+
+def peft_config(block: dict, *, task_type: str, where: str):
+    """A peft config from a `peft:` block: `method` picks the class (lora by default); the other
+    keys are that class's fields verbatim."""
+    import peft
+
+    if not isinstance(block, dict):
+        raise AlignError(f"{where}: expected a mapping of peft fields, e.g. {{r: 16, lora_alpha: 32}}")
+    fields = dict(block)
+    method = str(fields.pop("method", "lora")).lower()
+    classes = {
+        "lora": peft.LoraConfig,
+        "prompt_tuning": peft.PromptTuningConfig,
+        "prefix_tuning": peft.PrefixTuningConfig,
+        "p_tuning": peft.PromptEncoderConfig,
+        "ia3": peft.IA3Config,
+    }
+    if method not in classes:
+        raise AlignError(f"{where}.method: unknown peft method '{method}'{suggest(method, classes)} "
+                         f"(methods: {', '.join(classes)})")
+    cls = classes[method]
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    check_keys(fields, names, where=where, kind=f"{cls.__name__} field")
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    fields = {k: coerce(v, hints.get(k), f"{where}.{k}") for k, v in fields.items()}
+    fields.setdefault("task_type", task_type)
+    try:
+        return cls(**fields)
+    except (ValueError, TypeError) as e:
+        raise AlignError(f"{where}: {models.first_line(e)}") from None
+
+
+def load_policy(stage, ctx, kind: str = "causal-lm"):
+    """The stage's starting model, k-bit-prepared when quantized, plus its tokenizer."""
+    path = stage.options.get("model") or ctx.default_model(stage)
+    trust = bool(ctx.model.get("trust_remote_code", False))
+    tokenizer = models.load_tokenizer(path, trust_remote_code=trust)
+    model = models.load_model(
+        path, kind=kind, dtype=ctx.model.get("dtype", "auto"), quantization=stage.options.get("quantization"),
+        trust_remote_code=trust, revision=ctx.model.get("revision") if path == ctx.model.get("name_or_path") else None,
+    )
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))  # we added a pad / end-of-turn token
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=bool(stage.args.get("gradient_checkpointing", False)))
+    peft = stage.options.get("peft")
+    task = "SEQ_CLS" if kind == "seq-cls" else "CAUSAL_LM"
+    return model, tokenizer, (peft_config(peft, task_type=task, where=f"stages.{stage.name}.peft") if peft else None)
+
+
+def last_checkpoint(stage) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    folder = stage.dir / CHECKPOINTS
+    return get_last_checkpoint(str(folder)) if folder.is_dir() else None
+
+
+def train_and_save(trainer, stage, ctx) -> dict:
+    """Train (resuming from the last checkpoint when there is one), save into the stage folder,
+    and return the metrics: first/last training loss, steps, runtime, eval results."""
+    resume = last_checkpoint(stage)
+    if resume:
+        ctx.log(f"[{stage.name}] resuming from {Path(resume).name}")
+    result = trainer.train(resume_from_checkpoint=resume)
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    metrics = {
+        "train_loss": result.training_loss,
+        "train_loss_first": losses[0] if losses else None,
+        "train_loss_last": losses[-1] if losses else None,
+        "global_step": trainer.state.global_step,
+        "resumed_from_step": int(Path(resume).name.split("-")[-1]) if resume else 0,
+        "train_runtime": result.metrics.get("train_runtime"),
+    }
+    if trainer.eval_dataset is not None:
+        metrics.update({k: v for k, v in trainer.evaluate().items() if isinstance(v, (int, float))})
+    trainer.save_model(str(stage.dir))
+    if ctx.is_main:
+        trainer.processing_class.save_pretrained(str(stage.dir))
+    return metrics
