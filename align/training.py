@@ -159,4 +159,6 @@ def train_and_save(trainer, stage, ctx) -> dict:
     trainer.save_model(str(stage.dir))
     if ctx.is_main:
         trainer.processing_class.save_pretrained(str(stage.dir))
+        # A pickle of the arguments: not safetensors, and it can carry a hub_token.
+        (stage.dir / "training_args.bin").unlink(missing_ok=True)
     return metrics

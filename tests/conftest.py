@@ -86,3 +86,15 @@ def run_align(args, *, check=False, launcher=None, env=None, timeout=900):
 
 def read_metrics(stage_dir: Path) -> dict:
     return json.loads((stage_dir / "metrics.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def pretrained_model(tmp_path_factory, tiny_model, data_dir) -> Path:
+    """The tiny model after a short causal-LM `pretrain` stage on plain text: a stand-in for a
+    pretrained base (LoRA cannot move a randomly initialised LM head much)."""
+    out = tmp_path_factory.mktemp("pretrained")
+    recipe = write_recipe(out / "pretrain.yaml", out / "run", {"pretrain": {
+        "model": str(tiny_model), "dataset": {"path": str(data_dir / "text.jsonl")}, "learning_rate": 3e-3,
+        "max_steps": 60, "per_device_train_batch_size": 16, "save_strategy": "no", "logging_steps": 10}})
+    run_align(["run", str(recipe)], check=True)
+    return out / "run" / "pretrain"

@@ -1,0 +1,60 @@
+"""SFT: full, LoRA and QLoRA on a tiny model. The loss must fall, the output must reload, and
+the trained model must stop generating at the end-of-turn token."""
+
+import pytest
+import torch
+
+from align import models
+from conftest import read_metrics, run_align, write_recipe
+
+SFT = {"learning_rate": 3e-3, "max_steps": 60, "per_device_train_batch_size": 16, "logging_steps": 5,
+       "save_steps": 30, "lr_scheduler_type": "constant"}
+
+
+def _reload_and_generate(stage_dir):
+    """Greedy-decode training prompts; return (n_stopped, n_total, texts)."""
+    tokenizer = models.load_tokenizer(str(stage_dir))
+    model = models.load_model(str(stage_dir), dtype="float32").eval()
+    stopped, texts = 0, []
+    for word in ("abc", "fed", "cab"):
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": f"reverse {word}"}],
+                                               tokenize=False, add_generation_prompt=True)
+        ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+        with torch.no_grad():
+            out = model.generate(**ids, max_new_tokens=20, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        new = out[0, ids["input_ids"].shape[1]:].tolist()
+        stopped += tokenizer.eos_token_id in new
+        texts.append(tokenizer.decode(new))
+    return stopped, texts
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "qlora"])
+def test_sft_trains_reloads_and_stops(tmp_path, tiny_model, pretrained_model, data_dir, method):
+    base = tiny_model if method == "full" else pretrained_model
+    stage = {"model": str(base), "dataset": {"path": str(data_dir / "messages.jsonl")}, **SFT}
+    if method != "full":
+        stage.update(peft={"r": 16, "lora_alpha": 32, "target_modules": "all-linear"}, learning_rate=1e-2,
+                     max_steps=80)
+    if method == "qlora":
+        stage["quantization"] = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
+                                 "bnb_4bit_compute_dtype": "float32"}
+    recipe = write_recipe(tmp_path / "r.yaml", tmp_path / "run", {"sft": stage})
+    run_align(["run", recipe], check=True)
+
+    out = tmp_path / "run" / "sft"
+    m = read_metrics(out)
+    # Full SFT from random init falls far; adapters on a small pretrained base fall less.
+    assert m["train_loss_last"] < (0.6 if method == "full" else 0.9) * m["train_loss_first"], m
+    assert (out / ("adapter_model.safetensors" if method != "full" else "model.safetensors")).is_file()
+    assert not list(out.glob("*.bin")), "safetensors only"
+    stopped, texts = _reload_and_generate(out)
+    assert stopped == 3, texts
+
+
+def test_prompt_completion_loss_on_completion_only(tmp_path, tiny_model, data_dir):
+    stage = {"model": str(tiny_model), "dataset": {"path": str(data_dir / "prompt_completion.jsonl"),
+                                                   "test_size": 0.1}, **SFT, "max_steps": 10}
+    recipe = write_recipe(tmp_path / "r.yaml", tmp_path / "run", {"sft": stage})
+    run_align(["run", recipe], check=True)
+    m = read_metrics(tmp_path / "run" / "sft")
+    assert m["eval_perplexity"] > 1 and "eval_loss" in m
