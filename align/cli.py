@@ -33,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None):
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # datasets' per-file progress bars bury the messages that matter; training bars stay.
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     args = build_parser().parse_args(argv)
     try:
         args.func(args)

@@ -116,14 +116,25 @@ def check_file(path: Path):
             if path.suffix.lower() == ".json" and head == b"[":
                 json.load(f)
                 return
+            if not head:
+                raise AlignError(f"{path}: the file is empty (no rows)")
+            if path.suffix.lower() == ".parquet":
+                size = f.seek(0, 2)
+                if size < 8 or f.seek(-4, 2) < 0 or f.read(4) != b"PAR1":
+                    raise AlignError(f"{path}: cannot load: not a parquet file (corrupt or truncated)")
+                return
             if path.suffix.lower() not in (".jsonl", ".json"):
                 return
+            rows = 0
             for number, line in enumerate(f, 1):
                 if line.strip():
+                    rows += 1
                     try:
                         json.loads(line)
                     except ValueError as e:
                         raise AlignError(f"{path}: line {number}: malformed JSON ({e.args[0].split(':')[0]})") from None
+            if not rows:
+                raise AlignError(f"{path}: no rows (only blank lines)")
     except PermissionError:
         raise AlignError(f"{path}: cannot read: permission denied") from None
     except ValueError as e:
