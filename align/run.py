@@ -149,6 +149,7 @@ def run(recipe: Recipe, only: str | None = None, dry_run: bool = False):
         start = time.time()
         metrics = stage.module.run(stage, ctx) or {}
         metrics["stage_seconds"] = round(time.time() - start, 2)
+        metrics["world_size"] = state.num_processes
         ctx.wait()
         if ctx.is_main:
             write_atomic(stage.dir / "metrics.json", json.dumps(metrics, indent=2, default=float))
