@@ -17,6 +17,29 @@ def cmd_run(args):
     run.run(recipe, only=args.stage, dry_run=args.dry_run)
 
 
+def cmd_eval(args):
+    from pathlib import Path
+
+    from align import evaluate
+
+    if not (args.prompts or args.pairs or args.texts):
+        raise AlignError("align eval: give at least one of --prompts, --pairs or --texts")
+    policies = {p.rstrip("/").split("/")[-1]: p for p in args.policy}
+    results = evaluate.evaluate(
+        policies=policies,
+        prompts=[r["prompt"] for r in evaluate.read_rows(args.prompts, "prompt", "--prompts", args.limit)]
+        if args.prompts else None,
+        pairs=evaluate.read_rows(args.pairs, "preference", "--pairs", args.limit) if args.pairs else None,
+        texts=[r["text"] for r in evaluate.read_rows(args.texts, "text", "--texts", args.limit)] if args.texts else None,
+        reward_model=args.reward_model, reference=args.reference,
+        judge=evaluate.load_function(args.judge, "--judge") if args.judge else None,
+        max_new_tokens=args.max_new_tokens, seed=args.seed,
+    )
+    evaluate.write(results, Path(args.out))
+    print(evaluate.markdown(results))
+    print(f"wrote {Path(args.out) / 'eval.json'} and eval.md")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="align", description="Align language models with YAML recipes.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -28,7 +51,71 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a recipe field, e.g. --set stages.sft.learning_rate=1e-4 (repeatable)")
     p.add_argument("--dry-run", action="store_true", help="validate the recipe and data, print the plan, train nothing")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("eval", help="evaluate policies, a reward model, or perplexity")
+    p.add_argument("--policy", action="append", default=[], help="policy to evaluate (repeatable)")
+    p.add_argument("--reward-model", help="reward model: scores, win rate, pair accuracy")
+    p.add_argument("--reference", help="reference policy for KL and win rate")
+    p.add_argument("--prompts", help="prompt-only dataset file (TRL prompt format)")
+    p.add_argument("--pairs", help="preference dataset for reward-model pair accuracy")
+    p.add_argument("--texts", help="text dataset for perplexity")
+    p.add_argument("--judge", help="gold judge module:function(prompt, response) -> [0, 1]")
+    p.add_argument("--limit", type=int, default=200, help="rows per dataset")
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="eval", help="folder for eval.json and eval.md")
+    p.set_defaults(func=cmd_eval)
+
+    for name, help_text in (("chat", "chat with a model in the terminal"),
+                            ("generate", "batched generation for a prompt file, to jsonl")):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("target", help="run folder, stage output, checkpoint or Hub id (adapters load onto their base)")
+        if name == "generate":
+            p.add_argument("--prompts", required=True, help="prompt file (jsonl/json/csv/parquet, TRL prompt format)")
+            p.add_argument("--out", default="generations.jsonl", help="output jsonl")
+            p.add_argument("--batch-size", type=int, default=16)
+        p.add_argument("--load-in-4bit", action="store_true", help="nf4 weights through bitsandbytes (CPU or GPU)")
+        p.add_argument("--temperature", type=float, default=0.7, help="0 means greedy")
+        p.add_argument("--top-p", type=float, default=1.0)
+        p.add_argument("--top-k", type=int, default=0)
+        p.add_argument("--max-new-tokens", type=int, default=256)
+        p.add_argument("--seed", type=int, default=None)
+        p.add_argument("--trust-remote-code", action="store_true")
+        p.set_defaults(func=_lazy("align.infer", f"{name}_command"))
+
+    p = sub.add_parser("merge", help="merge a LoRA adapter into its base and save safetensors")
+    p.add_argument("target", help="adapter folder, stage output or run folder")
+    p.add_argument("--out", required=True, help="folder for the merged model")
+    p.set_defaults(func=_lazy("align.infer", "merge_command"))
+
+    p = sub.add_parser("push", help="push an adapter (or merged model) with a model card to the Hub")
+    p.add_argument("target", help="stage output or run folder")
+    p.add_argument("--repo-id", required=True)
+    p.add_argument("--private", action="store_true")
+    p.add_argument("--merged", action="store_true", help="merge the adapter into its base first")
+    p.set_defaults(func=_lazy("align.hub", "push_command"))
+
+    p = sub.add_parser("report", help="rebuild a run's report.md and plots")
+    p.add_argument("run_dir", help="run folder (output_dir of a recipe)")
+    p.set_defaults(func=_lazy("align.report", "report_command"))
+
+    p = sub.add_parser("plan", help="parameters, memory, FLOPs and time per stage, before spending compute")
+    p.add_argument("recipe", help="recipe YAML file")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe field")
+    p.add_argument("--flops-per-second", type=float, default=None, help="device throughput for time estimates")
+    p.set_defaults(func=_lazy("align.plan", "plan_command"))
     return parser
+
+
+def _lazy(module: str, function: str):
+    """Import a command's module only when it runs: `align --help` stays fast."""
+
+    def call(args):
+        import importlib
+
+        return getattr(importlib.import_module(module), function)(args)
+
+    return call
 
 
 def main(argv=None):

@@ -28,6 +28,7 @@ from align.recipe import check_keys
 
 SOURCE_KEYS = {"path", "name", "split", "columns", "format", "weight", "test_size", "data_files"}
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
+OPTIONAL_COLUMNS = {"preference": ["margin"]}  # kept when present (RewardTrainer reads it)
 FORMATS = {"lm": [{"text"}, {"prompt", "completion"}, {"messages"}],
            "text": [{"text"}],
            "preference": [{"prompt", "chosen", "rejected"}, {"chosen", "rejected"}],
@@ -213,7 +214,50 @@ def check_format(ds, kind: str, where: str):
         if not (isinstance(value, str) or _is_messages(value)):
             raise AlignError(f"{where}: column '{col}' must hold text or a list of {{role, content}} messages, "
                              f"got {type(value).__name__} ({str(value)[:40]!r})")
-    return ds.select_columns(sorted(match))
+    extra = [c for c in OPTIONAL_COLUMNS.get(kind, []) if c in cols]
+    ds = ds.select_columns(sorted(match) + extra)
+    return check_preferences(ds, where) if kind == "preference" else ds
+
+
+def check_preferences(ds, where: str):
+    """Reject pairs that cannot teach a preference; drop identical pairs with a warning.
+
+    Errors: a missing or empty side, or a prompt whose format (text vs messages) contradicts the
+    answers'. Warning: chosen == rejected (no signal either way), those rows are dropped.
+    """
+    empty, mixed, same = [], [], []
+    for i, row in enumerate(ds):
+        chosen, rejected = row["chosen"], row["rejected"]
+        if _blank(chosen) or _blank(rejected) or ("prompt" in row and _blank(row["prompt"])):
+            empty.append(i)
+            continue
+        kinds = {isinstance(v, str) for k, v in row.items() if k in ("prompt", "chosen", "rejected")}
+        if len(kinds) > 1:
+            mixed.append(i)
+        elif chosen == rejected:
+            same.append(i)
+    if empty:
+        raise AlignError(f"{where}: {len(empty)} preference row(s) have a missing or empty prompt/chosen/rejected "
+                         f"(first at row {empty[0]}); remove or fill them")
+    if mixed:
+        raise AlignError(f"{where}: {len(mixed)} row(s) mix text and message lists across prompt/chosen/rejected "
+                         f"(first at row {mixed[0]}); use one format: all strings or all lists of messages")
+    if same:
+        print(f"warning: {where}: dropped {len(same)} pair(s) whose chosen equals rejected (no preference signal)",
+              flush=True)
+        keep = set(range(len(ds))) - set(same)
+        ds = ds.select(sorted(keep))
+        if len(ds) == 0:
+            raise AlignError(f"{where}: no usable preference pairs left after dropping identical ones")
+    return ds
+
+
+def _blank(value) -> bool:
+    if value is None:
+        return True
+    if isinstance(value, str):
+        return not value.strip()
+    return not value or any(not str(m.get("content") or "").strip() for m in value if m.get("role") == "assistant")
 
 
 def _is_messages(value) -> bool:

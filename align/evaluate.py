@@ -1,0 +1,192 @@
+"""Evaluation: perplexity on text, reward-model pair accuracy on preferences, and for policies on
+held-out prompts: mean reward-model score, gold score (when the task has a judge), mean
+per-sequence KL to a reference, win rate against the reference as judged by the reward model,
+and a table of sample generations. `align eval` and the `eval` stage both call `evaluate`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from align import infer
+from align.errors import AlignError
+
+
+def load_function(spec: str, where: str):
+    """`module:function` -> the function (a gold judge or a reward function)."""
+    module_name, _, name = spec.partition(":")
+    try:
+        return getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError, ValueError):
+        raise AlignError(f"{where}: cannot import '{spec}'; expected module:function on the Python path") from None
+
+
+@torch.no_grad()
+def perplexity(model, tokenizer, texts, batch_size=16) -> float:
+    """exp(mean token cross-entropy) over all tokens of `texts`."""
+    total, count = 0.0, 0
+    tokenizer.padding_side = "right"
+    for start in range(0, len(texts), batch_size):
+        enc = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True,
+                        add_special_tokens=False).to(model.device)
+        logits = model(**enc).logits[:, :-1].float()
+        labels = enc["input_ids"][:, 1:]
+        mask = enc["attention_mask"][:, 1:].bool()
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, reduction="none")
+        total += nll[mask].sum().item()
+        count += mask.sum().item()
+    return math.exp(total / max(count, 1))
+
+
+def conversation(prompt, completion):
+    """A (prompt, completion) pair as one chat: lists of messages stay lists, strings become turns."""
+    p = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    c = [{"role": "assistant", "content": completion}] if isinstance(completion, str) else list(completion)
+    return p + c
+
+
+@torch.no_grad()
+def reward_scores(model, tokenizer, prompts, completions, batch_size=32) -> list[float]:
+    """The reward model's scalar for each (prompt, completion), rendered with its chat template.
+    Text goes through the reward model's own tokenizer, so policy and RM tokenizers may differ."""
+    texts = [tokenizer.apply_chat_template(conversation(p, c), tokenize=False) for p, c in zip(prompts, completions)]
+    tokenizer.padding_side = "right"
+    scores = []
+    for start in range(0, len(texts), batch_size):
+        enc = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True,
+                        add_special_tokens=False).to(model.device)
+        scores += model(**enc).logits[:, 0].float().tolist()
+    return scores
+
+
+def pair_accuracy(model, tokenizer, rows) -> dict:
+    """Share of pairs where the reward model scores chosen above rejected, and the mean margin."""
+    prompts = [r.get("prompt", []) for r in rows]
+    chosen = reward_scores(model, tokenizer, prompts, [r["chosen"] for r in rows])
+    rejected = reward_scores(model, tokenizer, prompts, [r["rejected"] for r in rows])
+    margins = [c - r for c, r in zip(chosen, rejected)]
+    return {"pair_accuracy": sum(m > 0 for m in margins) / len(margins), "mean_margin": sum(margins) / len(margins)}
+
+
+@torch.no_grad()
+def sequence_logprobs(model, pairs, pad_id) -> list[float]:
+    """Sum of log-probs of each completion given its prompt; `pairs` are (prompt_ids, completion_ids)."""
+    out = []
+    for prompt_ids, completion_ids in pairs:
+        ids = torch.tensor([prompt_ids + completion_ids], device=model.device)
+        logits = model(input_ids=ids).logits[0, len(prompt_ids) - 1:-1].float()
+        target = ids[0, len(prompt_ids):]
+        out.append(torch.log_softmax(logits, -1).gather(-1, target[:, None]).sum().item())
+    return out
+
+
+def evaluate(*, policies: dict, prompts=None, reward_model=None, reference=None, judge=None, pairs=None,
+             texts=None, max_new_tokens=48, batch_size=32, seed=0, num_samples=5) -> dict:
+    """All metrics as {"policies": {name: {...}}, "reward_model": {...}, "samples": [...]}."""
+    results = {"policies": {}, "samples": []}
+    rm = infer.load(reward_model, kind="seq-cls") if reward_model else None
+    if rm and pairs:
+        results["reward_model"] = pair_accuracy(*rm, pairs)
+    ref = infer.load(reference) if reference else None
+    ref_texts = None
+    if ref and prompts:
+        ref_texts = infer.generate(*ref, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    ref_scores = reward_scores(*rm, prompts, ref_texts) if rm and ref_texts else None
+
+    for name, target in policies.items():
+        model, tokenizer = infer.load(target)
+        metrics = {}
+        if texts:
+            metrics["perplexity"] = perplexity(model, tokenizer, texts)
+        if prompts:
+            outputs = infer.generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+            metrics["response_length"] = sum(len(o.split()) for o in outputs) / len(outputs)
+            if judge:
+                metrics["gold_score"] = 100 * sum(judge(p, o) for p, o in zip(prompts, outputs)) / len(outputs)
+            if rm:
+                scores = reward_scores(*rm, prompts, outputs)
+                metrics["reward"] = sum(scores) / len(scores)
+                if ref_scores:
+                    wins = [1.0 if s > r else 0.5 if s == r else 0.0 for s, r in zip(scores, ref_scores)]
+                    metrics["win_rate_vs_ref"] = sum(wins) / len(wins)
+            if ref:
+                metrics["kl_to_ref"] = _kl_to_reference(model, tokenizer, ref[0], prompts, max_new_tokens, seed)
+            for i, (p, o) in enumerate(zip(prompts[:num_samples], outputs)):
+                if len(results["samples"]) <= i:
+                    results["samples"].append({"prompt": _show(p)})
+                results["samples"][i][name] = o
+        results["policies"][name] = metrics
+    return results
+
+
+def _kl_to_reference(model, tokenizer, ref_model, prompts, max_new_tokens, seed) -> float:
+    """Monte-Carlo KL(pi || ref) per sequence: completions sampled from the policy at T=1, then
+    the mean of log pi(y|x) - log ref(y|x)."""
+    _, ids = infer.generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=1.0,
+                            top_k=0, seed=seed, return_ids=True)
+    lp = sequence_logprobs(model, ids, tokenizer.pad_token_id)
+    lr = sequence_logprobs(ref_model, ids, tokenizer.pad_token_id)
+    return sum(a - b for a, b in zip(lp, lr)) / len(ids)
+
+
+def _show(prompt) -> str:
+    return prompt if isinstance(prompt, str) else " / ".join(m["content"] for m in prompt)
+
+
+COLUMNS = [("gold_score", "gold", "{:.1f}"), ("reward", "RM score", "{:.3f}"), ("kl_to_ref", "KL to ref", "{:.2f}"),
+           ("win_rate_vs_ref", "win vs ref", "{:.2f}"), ("perplexity", "perplexity", "{:.2f}"),
+           ("response_length", "words", "{:.1f}")]
+
+
+def markdown(results: dict) -> str:
+    """The eval table, reward-model accuracy and sample generations as markdown."""
+    policies = results["policies"]
+    cols = [c for c in COLUMNS if any(c[0] in m for m in policies.values())]
+    lines = ["| policy | " + " | ".join(c[1] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for name, m in policies.items():
+        lines.append(f"| {name} | " + " | ".join(c[2].format(m[c[0]]) if c[0] in m else "" for c in cols) + " |")
+    if "reward_model" in results:
+        rm = results["reward_model"]
+        lines += ["", f"Reward model: pair accuracy {rm['pair_accuracy']:.3f}, mean margin {rm['mean_margin']:.3f}"]
+    if results["samples"]:
+        names = list(policies)
+        lines += ["", "| prompt | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+        for s in results["samples"]:
+            lines.append("| " + " | ".join(_cell(s.get(k, "")) for k in ["prompt"] + names) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")[:80]
+
+
+def write(results: dict, out_dir: Path):
+    out_dir.mkdir(parents=True, exist_ok=True)
+    from align.run import write_atomic
+
+    write_atomic(out_dir / "eval.json", json.dumps(results, indent=2))
+    write_atomic(out_dir / "eval.md", markdown(results))
+
+
+def read_rows(spec, kind: str, where: str, limit: int | None = None):
+    """Rows of a dataset block (or a plain path) as dicts, e.g. held-out prompts or pairs."""
+    from align import data
+
+    if isinstance(spec, str):
+        spec = {"path": spec}
+    ds, _ = data.load(spec, kind, where)
+    if limit:
+        ds = ds.select(range(min(limit, len(ds))))
+    return [dict(r) for r in ds]
+
+
+def model_exists(path: str, where: str):
+    if (path.startswith((".", "/")) or path.count("/") > 1) and not Path(path).exists():
+        raise AlignError(f"{where}: '{path}' does not exist")
+    return path
+
