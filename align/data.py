@@ -211,7 +211,7 @@ def check_format(ds, kind: str, where: str):
     row = ds[0]
     for col in match:
         value = row[col]
-        if not (isinstance(value, str) or _is_messages(value)):
+        if value is not None and not (isinstance(value, str) or _is_messages(value)):
             raise AlignError(f"{where}: column '{col}' must hold text or a list of {{role, content}} messages, "
                              f"got {type(value).__name__} ({str(value)[:40]!r})")
     extra = [c for c in OPTIONAL_COLUMNS.get(kind, []) if c in cols]

@@ -49,8 +49,8 @@ def data_dir(tmp_path_factory) -> Path:
     write_jsonl(d / "prompts.jsonl", ({"prompt": [{"role": "user", "content": p}]} for p, _ in pairs[:64]))
     write_jsonl(d / "prefs.jsonl", ({"prompt": [{"role": "user", "content": p}],
                                      "chosen": [{"role": "assistant", "content": c}],
-                                     "rejected": [{"role": "assistant", "content": p.split()[1]}]}
-                                    for p, c in pairs if c != p.split()[1]))
+                                     "rejected": [{"role": "assistant", "content": "I do not know"}]}
+                                    for p, c in pairs))
     return d
 
 
