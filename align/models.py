@@ -147,19 +147,15 @@ def load_model(
     quantization: dict | None = None,
     trust_remote_code: bool = False,
     revision: str | None = None,
-    num_labels: int = 1,
 ):
-    """Load a causal LM (or a one-logit sequence classifier with kind="seq-cls").
+    """Load a causal LM, or a one-logit sequence classifier with kind="seq-cls".
 
     An adapter folder is loaded onto its base and merged, so a stage always starts from plain
-    weights; with quantization the merge happens in full precision first (see `merged_copy`).
+    weights (see `_load_merged_adapter`).
     """
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    cls = AutoModelForSequenceClassification if kind == "seq-cls" else AutoModelForCausalLM
     kwargs = dict(dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code, revision=revision)
     if kind == "seq-cls":
-        kwargs["num_labels"] = num_labels
+        kwargs["num_labels"] = 1
     qconfig = quantization_config(quantization)
     if qconfig is not None:
         kwargs["quantization_config"] = qconfig
@@ -167,9 +163,9 @@ def load_model(
             kwargs["device_map"] = {"": torch.cuda.current_device()}
     try:
         if is_adapter(path):
-            model = _load_merged_adapter(path, cls, kwargs)
+            model = _load_merged_adapter(path, kind, dtype, trust_remote_code, kwargs)
         else:
-            model = cls.from_pretrained(path, **kwargs)
+            model = _model_class(kind).from_pretrained(path, **kwargs)
     except (OSError, ValueError) as e:
         raise AlignError(f"model: cannot load '{path}': {first_line(e)}") from None
     if kind == "seq-cls" and model.config.pad_token_id is None:
@@ -177,22 +173,38 @@ def load_model(
     return model
 
 
-def _load_merged_adapter(path, cls, kwargs):
+def adapter_kind(path) -> str:
+    with open(Path(path) / ADAPTER_CONFIG) as f:
+        return "seq-cls" if json.load(f).get("task_type") == "SEQ_CLS" else "causal-lm"
+
+
+def _load_merged_adapter(path, kind, dtype, trust_remote_code, kwargs):
+    """Base + adapter, merged. The base may itself be an adapter (LoRA on a LoRA output): it is
+    loaded the same way, recursively. The merged model is named after the adapter folder, so an
+    adapter trained on top of it records the true chain rather than the bare base."""
     from peft import PeftModel
 
-    quantized = "quantization_config" in kwargs
-    base_kwargs = {k: v for k, v in kwargs.items() if k not in ("quantization_config", "device_map")}
-    base = cls.from_pretrained(adapter_base(path), **base_kwargs)
-    merged = PeftModel.from_pretrained(base, path).merge_and_unload()
-    if not quantized:
+    own_kind = adapter_kind(path)
+    if own_kind == kind and "quantization_config" not in kwargs:
+        base = load_model(adapter_base(path), kind=kind, dtype=dtype, trust_remote_code=trust_remote_code)
+        merged = PeftModel.from_pretrained(base, path).merge_and_unload()
+        merged.config._name_or_path = str(path)
         return merged
-    # bitsandbytes quantizes while loading, so the merged weights go through a saved copy.
+    # bitsandbytes quantizes while loading, and a causal-LM adapter must be merged into a causal
+    # LM before its weights can start a classifier: both go through a merged copy on disk.
     target = Path(path) / "merged"
     if not (target / "config.json").is_file():
-        tmp = target.with_name("merged.tmp")
+        merged = load_model(str(path), kind=own_kind, dtype=dtype, trust_remote_code=trust_remote_code)
+        tmp = target.with_name(f"merged.tmp{os.getpid()}")
         merged.save_pretrained(tmp, safe_serialization=True)
         os.replace(tmp, target)
-    return cls.from_pretrained(target, **kwargs)
+    return _model_class(kind).from_pretrained(target, **kwargs)
+
+
+def _model_class(kind: str):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification if kind == "seq-cls" else AutoModelForCausalLM
 
 
 def init_model(model_fields: dict, tokenizer):

@@ -112,10 +112,12 @@ def _preflight(recipe: Recipe, todo):
 
 
 def run(recipe: Recipe, only: str | None = None, dry_run: bool = False):
+    import torch
     from accelerate import PartialState
     from transformers import set_seed
 
-    state = PartialState()
+    # Without CUDA, accelerate only starts the gloo process group when asked for the CPU.
+    state = PartialState(cpu=not torch.cuda.is_available())
     ctx = Context(recipe, state)
     selected = [recipe.stage(only)] if only else recipe.stages
     if only:
@@ -159,6 +161,13 @@ def run(recipe: Recipe, only: str | None = None, dry_run: bool = False):
         ctx.log(summary_line(stage, metrics))
         _push_if_asked(recipe, stage, ctx)
     ctx.log(f"outputs: {recipe.output_dir.resolve()}")
+    if ctx.is_main:  # report.md + plots; a plotting failure must never fail a finished run
+        try:
+            from align import report
+
+            ctx.log(f"report: {report.write_report(recipe.output_dir)}")
+        except Exception as e:  # noqa: BLE001
+            print(f"warning: report not written: {type(e).__name__}: {e}", file=sys.stderr)
 
 
 def summary_line(stage, metrics: dict) -> str:
