@@ -24,7 +24,7 @@ import sys
 
 from align import data, models
 from align.errors import AlignError
-from align.ppo.config import PPOConfig as Config
+from align.ppo.config import PPOConfig as Config  # noqa: F401  (the stage's config class)
 from align.training import check_training_fields, peft_config
 
 OPTIONS = {"model", "dataset", "peft", "quantization", "reward_model", "reward_funcs", "value_model"}

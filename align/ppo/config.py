@@ -1,0 +1,191 @@
+"""`PPOConfig`: every knob of align's PPO trainer, with the default it has in the literature.
+
+References for the defaults:
+
+* [Schulman17]  Schulman et al. 2017, "Proximal Policy Optimization Algorithms".
+* [Ziegler19]   Ziegler et al. 2019, "Fine-Tuning Language Models from Human Preferences",
+                and its code (openai/lm-human-preferences).
+* [Stiennon20]  Stiennon et al. 2020, "Learning to summarize from human feedback".
+* [Huang24]     Huang et al. 2024, "The N+ Implementation Details of RLHF with PPO".
+* [TRL]         TRL's PPOConfig (the trainer TRL shipped until v0.x), itself modelled on
+                lm-human-preferences.
+
+A recipe stage block sets any of these fields verbatim:
+
+    ppo:
+      dataset: {path: data/prompts.jsonl}
+      reward_model: ${reward}
+      peft: {r: 16, lora_alpha: 32}
+      learning_rate: 1.0e-5
+      kl_coef: 0.05
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+
+@dataclasses.dataclass
+class PPOConfig:
+    """Fields of a `type: ppo` stage. One *step* is one rollout batch followed by its PPO update."""
+
+    # ------------------------------------------------------------------ batch and schedule
+    per_device_train_batch_size: int = 8
+    """Prompts per process per rollout batch (the global batch is this x processes) [TRL: 8]."""
+    num_mini_batches: int = 1
+    """Minibatches a rollout batch is split into; one optimizer step each [Ziegler19, TRL: 1]."""
+    gradient_accumulation_steps: int = 1
+    """Micro-batches per minibatch whose gradients are summed before the optimizer step."""
+    num_ppo_epochs: int = 4
+    """Passes over each rollout batch [Ziegler19, Stiennon20, TRL: 4]. Each rollout batch gets
+    exactly num_ppo_epochs x num_mini_batches optimizer steps."""
+    num_train_steps: int | None = None
+    """Rollout batches to train for. Wins over total_episodes and num_train_epochs."""
+    total_episodes: int | None = None
+    """Prompts (episodes) to train on, over all processes; rounded up to whole global batches."""
+    num_train_epochs: float = 1.0
+    """Passes over the prompt dataset when neither num_train_steps nor total_episodes is set."""
+
+    # ------------------------------------------------------------------ optimizer
+    learning_rate: float = 3e-6
+    """Policy learning rate [TRL: 3e-6]."""
+    critic_learning_rate: float | None = None
+    """Critic learning rate; None uses learning_rate."""
+    lr_scheduler_type: str = "linear"
+    """transformers scheduler name, stepped once per rollout batch (linear decay to 0 over
+    the run, as in [Ziegler19] and [TRL])."""
+    warmup_steps: int = 0
+    """Scheduler warm-up, in rollout batches."""
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-5
+    """Adam epsilon of lm-human-preferences (TensorFlow's default) [Huang24]."""
+    max_grad_norm: float | None = 1.0
+    """Gradient-norm clip, applied to the policy's and the critic's parameters separately
+    [TRL: 1.0]; None disables clipping."""
+
+    # ------------------------------------------------------------------ sampling
+    response_length: int = 53
+    """Most tokens generated per response [TRL's TL;DR default: 53]."""
+    max_prompt_length: int | None = None
+    """Prompts longer than this many tokens are cut from the left; None keeps them whole."""
+    temperature: float = 0.7
+    """Sampling temperature; every log-prob (policy, old policy, reference) is recomputed at
+    the same temperature [Ziegler19 code, TRL: 0.7]. No top-k / top-p."""
+    stop_strings: list[str] | None = None
+    """Extra strings that end a response (besides the EOS token); text after them is masked."""
+    missing_eos_penalty: float | None = None
+    """Added to the score of responses that hit response_length without stopping, e.g. -1.0
+    [TRL: None]."""
+    rollout_forward_batch_size: int | None = None
+    """Rows per no-grad forward pass during the rollout (policy, reference, critic, reward);
+    None does the whole rollout batch at once."""
+
+    # ------------------------------------------------------------------ reward and KL penalty
+    reward_weights: list[float] | None = None
+    """Weights of the reward sources, reward_model first then reward_funcs in order; None
+    gives every source weight 1."""
+    kl_coef: float = 0.05
+    """KL penalty coefficient beta (the initial one with adaptive_kl) [Stiennon20, TRL: 0.05]."""
+    kl_estimator: str = "k1"
+    """Per-token KL estimator added to the reward: "k1" (log-ratio, unbiased) or "k3"
+    (non-negative, unbiased) [TRL: k1]."""
+    adaptive_kl: bool = False
+    """Adapt kl_coef towards kl_target with the proportional controller of [Ziegler19]."""
+    kl_target: float = 6.0
+    """Target KL (nats per response) of the adaptive controller [Ziegler19: 6]."""
+    kl_horizon: float = 10000
+    """Horizon (in episodes) of the adaptive controller [Ziegler19: 10000]."""
+    whiten_rewards: bool = False
+    """Rescale the per-token rewards to unit variance over the rollout batch (all processes),
+    keeping their mean [TRL: False]."""
+
+    # ------------------------------------------------------------------ advantages and losses
+    gamma: float = 1.0
+    """Discount [Ziegler19: 1]."""
+    lam: float = 0.95
+    """GAE lambda [Ziegler19: 0.95]."""
+    whiten_advantages: bool = True
+    """Normalise advantages over the valid tokens of the rollout batch, statistics from every
+    process [Ziegler19, TRL]."""
+    cliprange: float = 0.2
+    """Policy ratio clip epsilon [Schulman17: 0.2]."""
+    cliprange_value: float | None = 0.2
+    """Value clip around the rollout values [Ziegler19, TRL: 0.2]; None disables it."""
+    vf_coef: float = 0.1
+    """Value-loss weight [Ziegler19, TRL: 0.1]."""
+
+    # ------------------------------------------------------------------ engineering
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass (less memory, about 30% slower)."""
+    seed: int | None = None
+    """Seed for sampling and shuffling; None uses the recipe's seed."""
+    save_steps: int = 50
+    """Write a checkpoint every this many steps (0 never)."""
+    save_total_limit: int = 2
+    """Checkpoints kept (the newest ones)."""
+    logging_steps: int = 1
+    """Print a progress line every this many steps (log_history.jsonl gets every step)."""
+    sample_generations_every: int = 10
+    """Add a table of sample generations to samples.md every this many steps (0 never)."""
+    num_sample_generations: int = 4
+    """Rows in each sample table."""
+
+    def __post_init__(self):
+        self.check()
+
+    def check(self):
+        """Raise ValueError naming the first bad field."""
+        positive_ints = ("per_device_train_batch_size", "num_mini_batches", "gradient_accumulation_steps",
+                         "num_ppo_epochs", "response_length", "save_total_limit", "logging_steps",
+                         "num_sample_generations")
+        for name in positive_ints:
+            if not getattr(self, name) >= 1:
+                raise ValueError(f"{name}: must be at least 1, got {getattr(self, name)}")
+        for name in ("num_train_steps", "total_episodes", "max_prompt_length", "rollout_forward_batch_size"):
+            value = getattr(self, name)
+            if value is not None and not value >= 1:
+                raise ValueError(f"{name}: must be at least 1 (or unset), got {value}")
+        for name in ("save_steps", "sample_generations_every", "warmup_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: must be 0 or more, got {getattr(self, name)}")
+        for name in ("learning_rate", "temperature", "num_train_epochs", "cliprange", "kl_target", "kl_horizon"):
+            value = getattr(self, name)
+            if not (value > 0 and math.isfinite(value)):
+                raise ValueError(f"{name}: must be a positive number, got {value}")
+        for name in ("critic_learning_rate", "cliprange_value", "max_grad_norm"):
+            value = getattr(self, name)
+            if value is not None and not (value > 0 and math.isfinite(value)):
+                raise ValueError(f"{name}: must be a positive number (or unset), got {value}")
+        for name in ("kl_coef", "vf_coef", "weight_decay"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name}: must be 0 or more, got {getattr(self, name)}")
+        for name in ("gamma", "lam"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name}: must be in [0, 1], got {getattr(self, name)}")
+        if self.kl_estimator not in ("k1", "k3"):
+            raise ValueError(f"kl_estimator: expected 'k1' or 'k3', got {self.kl_estimator!r}")
+        per_step = self.num_mini_batches * self.gradient_accumulation_steps
+        if self.per_device_train_batch_size % per_step:
+            raise ValueError(
+                f"per_device_train_batch_size: {self.per_device_train_batch_size} does not split into "
+                f"num_mini_batches ({self.num_mini_batches}) x gradient_accumulation_steps "
+                f"({self.gradient_accumulation_steps}) equal micro-batches")
+        if self.stop_strings is not None and (not isinstance(self.stop_strings, list)
+                                              or not all(isinstance(s, str) and s for s in self.stop_strings)):
+            raise ValueError(f"stop_strings: expected a list of non-empty strings, got {self.stop_strings!r}")
+        if self.reward_weights is not None and (
+                not isinstance(self.reward_weights, list)
+                or not all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in self.reward_weights)):
+            raise ValueError(f"reward_weights: expected a list of numbers, got {self.reward_weights!r}")
+        from transformers import SchedulerType
+
+        names = [s.value for s in SchedulerType]
+        if self.lr_scheduler_type not in names:
+            raise ValueError(f"lr_scheduler_type: unknown scheduler {self.lr_scheduler_type!r} (one of {', '.join(names)})")
+
+    @property
+    def micro_batch_size(self) -> int:
+        return self.per_device_train_batch_size // (self.num_mini_batches * self.gradient_accumulation_steps)

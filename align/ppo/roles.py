@@ -1,0 +1,613 @@
+"""Who plays which part in PPO (policy, reference, critic, reward) and how they share memory.
+
+PPO needs four networks: the policy being trained, a frozen reference (the SFT policy) for
+the KL penalty, a critic that predicts per-token values, and a reward model. `load_roles`
+builds one of two layouts; the trainer only sees the `Roles` interface.
+
+Separate layout (full fine-tuning: no `peft:` block)
+    policy     the SFT model, trainable                                  weights + grads + Adam
+    reference  a second copy of the SFT model, frozen                    weights
+    critic     a sequence classifier (AutoModelForSequenceClassification) loaded from
+               `value_model:` (default: the reward model; else the policy with a zeroed
+               value head), trainable; its `score` head gives per-token values
+                                                                         weights + grads + Adam
+    reward     the reward model, frozen (absent with reward functions only)   weights
+    Memory, with P parameters per model and fp32 Adam: 2 x (4 + 4 + 8) P bytes trainable +
+    2 x 4 P frozen = 40 P bytes (16-bit weights: about 28 P), before activations.
+
+Shared layout (LoRA / QLoRA: a `peft:` block)
+    One base model is held once; peft's multi-adapter API switches roles on it:
+    policy     adapter "default" (trainable). When the SFT output is itself a LoRA adapter
+               it starts from that adapter's weights (and keeps its LoRA shape).
+    reference  the base with adapters disabled; or, when the SFT output is an adapter, that
+               adapter loaded frozen as "ref".
+    critic     adapter "critic" (trainable) + a float32 value head (hidden -> 1), the head
+               copied from the reward model's score head where shapes allow. When the reward
+               model is an adapter on the same base, the critic adapter starts from it.
+    reward     when the reward model is a sequence-classification LoRA adapter on the same
+               base (or on the SFT adapter), it is loaded frozen as "reward" + its score head;
+               any other reward model is loaded separately (quantized like the base).
+    Memory: the base once (2 P bytes in bf16, about 0.5 P in 4-bit) + three or four small
+    adapters + Adam for the two trainable ones (16 bytes per adapter parameter).
+
+In the shared layout `AdapterSwitch.use(role)` activates the role's adapters before each
+forward pass. peft's `set_adapter` also flips `requires_grad`, which would silently drop the
+other trainable adapter from the graph (and confuse DDP), so the switch restores the
+trainable set after every change.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from align import models
+from align.errors import AlignError
+from align.ppo.core import last_token_index
+
+POLICY, CRITIC = "default", "critic"  # adapter names; "default" so the policy saves like an SFT adapter
+TRAINABLE_ADAPTERS = (POLICY, CRITIC)
+_ADAPTER_PARAM = re.compile(r"\.(?:lora_[A-Za-z_]+|modules_to_save)\.([A-Za-z0-9_-]+)(?:\.|$)")
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def backbone(model: nn.Module) -> nn.Module:
+    """The transformer body (no LM / classification head) of a causal-LM or seq-cls model,
+    also through a PeftModel (LoRA layers live inside it, so the active adapter applies)."""
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel):
+        model = model.get_base_model()
+    body = model.base_model  # transformers: getattr(model, base_model_prefix)
+    if body is model:
+        raise AlignError(f"model: cannot find the transformer body of {type(model).__name__}")
+    return body
+
+
+def score_head(model: nn.Module) -> nn.Linear:
+    """The one-logit head of a sequence classifier (`score` for decoder-only models)."""
+    for name in ("score", "classifier", "v_head"):
+        head = getattr(model, name, None)
+        if isinstance(head, nn.Linear):
+            return head
+    raise AlignError(f"reward_model: {type(model).__name__} has no linear `score` head")
+
+
+def disable_dropout(model: nn.Module):
+    """Dropout off everywhere: nn.Dropout modules (LoRA's too) and config-driven functional
+    dropout (attention_dropout, ...). PPO's ratio must compare the same function twice."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(config, "to_dict"):
+            for key, value in config.to_dict().items():
+                if isinstance(value, float) and ("dropout" in key or key.endswith("_pdrop")):
+                    setattr(config, key, 0.0)
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    model.requires_grad_(False)
+    model.eval()
+    return model
+
+
+def hidden_states(body: nn.Module, input_ids, attention_mask, position_ids):
+    out = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    return out.last_hidden_state
+
+
+def same_model_path(a: str, b: str) -> bool:
+    if os.path.exists(a) and os.path.exists(b):
+        return os.path.realpath(a) == os.path.realpath(b)
+    return a.rstrip("/") == b.rstrip("/")
+
+
+def adapter_name_of(param_name: str) -> str | None:
+    match = _ADAPTER_PARAM.search(param_name)
+    return match.group(1) if match else None
+
+
+# --------------------------------------------------------------------------- adapter switch
+
+
+class AdapterSwitch:
+    """Activates the adapters of one role on a shared PeftModel, keeping `requires_grad`
+    fixed (peft's set_adapter / disable_adapter_layers change it as a side effect)."""
+
+    def __init__(self, peft_model, stacks: dict[str, list[str]]):
+        self.model = peft_model
+        self.stacks = stacks
+        self.current: str | None = None
+        self._flags: list[tuple[nn.Parameter, bool]] = []
+
+    def freeze_flags(self):
+        """Record the current requires_grad of every parameter as the one to keep."""
+        self._flags = [(p, p.requires_grad) for p in self.model.parameters()]
+
+    def use(self, role: str):
+        if role == self.current:
+            return
+        names = self.stacks[role]
+        tuner = self.model.base_model
+        if names:
+            tuner.enable_adapter_layers()
+            tuner.set_adapter(names if len(names) > 1 else names[0])
+        else:
+            tuner.disable_adapter_layers()
+        for p, flag in self._flags:
+            if p.requires_grad != flag:
+                p.requires_grad_(flag)
+        self.current = role
+
+
+class _NoSwitch:
+    def use(self, role: str):
+        pass
+
+
+# --------------------------------------------------------------------------- the trainable pair
+
+
+class ActorCritic(nn.Module):
+    """Policy + critic as one module, so one DDP wrapper and one optimizer cover both.
+
+    `forward(input_ids, attention_mask, position_ids, n)` returns the policy logits that
+    predict the last `n` tokens, shape (B, n, V), and the critic's values at the states
+    before each of them, shape (B, n) float32.
+    """
+
+    def __init__(self, policy: nn.Module, critic: nn.Module | None = None, value_head: nn.Linear | None = None,
+                 switch: AdapterSwitch | None = None):
+        super().__init__()
+        self.policy = policy  # causal LM, or the shared PeftModel holding every adapter
+        self.critic = critic  # separate layout: a sequence classifier
+        self.value_head = value_head  # shared layout: hidden -> 1
+        self.switch = switch or _NoSwitch()
+        self.trainable_names: list[str] = []
+
+    @property
+    def shared(self) -> bool:
+        return self.critic is None
+
+    def forward(self, input_ids, attention_mask, position_ids, n: int):
+        return (self.policy_logits(input_ids, attention_mask, position_ids, n),
+                self.values(input_ids, attention_mask, position_ids, n))
+
+    def policy_logits(self, input_ids, attention_mask, position_ids, n: int):
+        self.switch.use("policy")
+        out = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          use_cache=False, logits_to_keep=n + 1)
+        return out.logits[:, :-1]
+
+    def values(self, input_ids, attention_mask, position_ids, n: int):
+        self.switch.use("critic")
+        try:
+            body = backbone(self.policy if self.shared else self.critic)
+            hidden = hidden_states(body, input_ids, attention_mask, position_ids)[:, -(n + 1):-1]
+            head = self.value_head if self.shared else score_head(self.critic)
+            return head(hidden.to(head.weight.dtype)).squeeze(-1).float()
+        finally:
+            self.switch.use("policy")
+
+    @torch.no_grad()
+    def generate(self, **kwargs):
+        """`policy.generate` with only the caller's generation config: transformers fills
+        unset fields from the checkpoint's generation_config.json (top_p, repetition
+        penalty, ...), which would make the sampling distribution differ from the policy
+        whose log-probs PPO computes. Eval mode keeps the KV cache on under gradient
+        checkpointing."""
+        from transformers import GenerationConfig
+
+        self.switch.use("policy")
+        lm = self.policy.get_base_model() if hasattr(self.policy, "get_base_model") else self.policy
+        saved, was_training = lm.generation_config, self.training
+        lm.generation_config = GenerationConfig()
+        self.eval()
+        try:
+            return self.policy.generate(**kwargs)
+        finally:
+            lm.generation_config = saved
+            self.train(was_training)
+
+    # ---- parameters, checkpoints, outputs
+
+    def record_trainable(self):
+        """Fix the trainable set (names) once every adapter and head is in place."""
+        self.trainable_names = [n for n, p in self.named_parameters() if p.requires_grad]
+        if isinstance(self.switch, AdapterSwitch):
+            self.switch.freeze_flags()
+
+    def param_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """(policy parameters, critic parameters), both trainable."""
+        named = dict(self.named_parameters())
+        policy, critic = [], []
+        for name in self.trainable_names:
+            if self.shared:
+                is_critic = name.startswith("value_head.") or adapter_name_of(name) == CRITIC
+            else:
+                is_critic = name.startswith("critic.")
+            (critic if is_critic else policy).append(named[name])
+        return policy, critic
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        named = dict(self.named_parameters())
+        return {n: named[n].detach().cpu().contiguous() for n in self.trainable_names}
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]):
+        named = dict(self.named_parameters())
+        missing = [n for n in self.trainable_names if n not in state]
+        if missing:
+            raise AlignError(f"checkpoint does not match the model: {len(missing)} trainable tensors missing "
+                             f"(first: {missing[0]})")
+        with torch.no_grad():
+            for n in self.trainable_names:
+                named[n].copy_(state[n].to(named[n].device, named[n].dtype))
+
+
+# --------------------------------------------------------------------------- all roles
+
+
+@dataclasses.dataclass
+class Roles:
+    """The four roles, whatever the layout. Every method except the ActorCritic's forward
+    is meant for no-grad rollout passes."""
+
+    actor_critic: ActorCritic
+    layout: str  # "shared" or "separate"
+    ref_model: nn.Module | None = None  # separate reference LM (None: the shared model's "ref" role)
+    reward_model: nn.Module | None = None  # separate sequence classifier
+    reward_head: nn.Linear | None = None  # shared layout: the reward adapter's score head
+    reward_tokenizer: object | None = None  # set when it differs from the policy's
+    base_path: str = ""  # shared layout: the base model path (saved into adapter configs)
+    description: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def has_reward_model(self) -> bool:
+        return self.reward_model is not None or self.reward_head is not None
+
+    def frozen_modules(self) -> list[nn.Module]:
+        return [m for m in (self.ref_model, self.reward_model, self.reward_head) if m is not None]
+
+    def to(self, device):
+        """Move what `accelerator.prepare` does not: the frozen models and heads, and the value
+        head (a quantized base is not moved, so its small float32 head would stay behind)."""
+        if self.actor_critic.value_head is not None:
+            self.actor_critic.value_head.to(device)
+        for module in self.frozen_modules():
+            if not getattr(module, "is_loaded_in_4bit", False) and not getattr(module, "is_loaded_in_8bit", False):
+                module.to(device)
+        return self
+
+    def ref_logits(self, input_ids, attention_mask, position_ids, n: int):
+        ac = self.actor_critic
+        if self.ref_model is not None:
+            model = self.ref_model
+        else:
+            ac.switch.use("ref")
+            model = ac.policy
+        try:
+            out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                        use_cache=False, logits_to_keep=n + 1)
+            return out.logits[:, :-1]
+        finally:
+            ac.switch.use("policy")
+
+    def reward_scores(self, input_ids, attention_mask, position_ids=None):
+        """Sequence scores at the last real token (from the mask, never from pad ids)."""
+        ac = self.actor_critic
+        if position_ids is None:
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+        if self.reward_model is not None:
+            body, head = backbone(self.reward_model), score_head(self.reward_model)
+        else:
+            ac.switch.use("reward")
+            body, head = backbone(ac.policy), self.reward_head
+        try:
+            hidden = hidden_states(body, input_ids, attention_mask, position_ids)
+        finally:
+            ac.switch.use("policy")
+        last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]
+        return head(last.to(head.weight.dtype)).squeeze(-1).float()
+
+    # ---- outputs
+
+    def save_policy(self, directory: Path, is_main: bool):
+        policy = self.actor_critic.policy
+        if self.layout == "shared":
+            policy.save_pretrained(str(directory), selected_adapters=[POLICY], is_main_process=is_main)
+        elif is_main:
+            policy.save_pretrained(str(directory), safe_serialization=True)
+
+    def save_critic(self, directory: Path, is_main: bool):
+        """The critic as a sequence classifier: a full model (separate layout) or a
+        SEQ_CLS LoRA adapter with its `score` head (shared layout), so it loads like a
+        reward model (align.models.load_model(path, kind="seq-cls"))."""
+        if not is_main:
+            return
+        ac = self.actor_critic
+        directory.mkdir(parents=True, exist_ok=True)
+        if self.layout == "separate":
+            ac.critic.save_pretrained(str(directory), safe_serialization=True)
+            return
+        from peft import get_peft_model_state_dict
+        from safetensors.torch import save_file
+
+        config = copy.deepcopy(ac.policy.peft_config[CRITIC])
+        config.task_type = "SEQ_CLS"
+        config.modules_to_save = ["score"]
+        config.inference_mode = True
+        config.base_model_name_or_path = self.base_path
+        config.save_pretrained(str(directory))
+        state = get_peft_model_state_dict(ac.policy, adapter_name=CRITIC)
+        state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+        state["base_model.model.score.weight"] = ac.value_head.weight.detach().cpu().contiguous()
+        save_file(state, str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
+
+
+# --------------------------------------------------------------------------- loading
+
+
+@dataclasses.dataclass
+class LoadOptions:
+    dtype: str | None = "auto"
+    quantization: dict | None = None
+    trust_remote_code: bool = False
+    gradient_checkpointing: bool = False
+
+
+def load_roles(*, policy_path: str, tokenizer, reward_path: str | None, value_path: str | None,
+               peft_config, options: LoadOptions) -> Roles:
+    """Build the layout: shared when `peft_config` is given, separate otherwise."""
+    reward_tok = models.load_tokenizer(reward_path, trust_remote_code=options.trust_remote_code) if reward_path else None
+    same_vocab = reward_tok is None or reward_tok.get_vocab() == tokenizer.get_vocab()
+    # The critic reads the policy's tokens, so it can only start from a model with its vocabulary.
+    critic_source = value_path or (reward_path if same_vocab else None)
+    if value_path and models.load_tokenizer(value_path, trust_remote_code=options.trust_remote_code).get_vocab() \
+            != tokenizer.get_vocab():
+        raise AlignError(f"value_model: '{value_path}' has a different tokenizer from the policy's; the critic "
+                         f"reads the policy's tokens")
+    if peft_config is not None:
+        roles = _load_shared(policy_path, tokenizer, reward_path, reward_tok, critic_source, peft_config, options)
+    else:
+        roles = _load_separate(policy_path, tokenizer, reward_path, reward_tok, critic_source, options)
+    if not same_vocab:
+        roles.reward_tokenizer = reward_tok
+        roles.description.append("reward tokenizer differs from the policy's: responses are decoded and re-tokenized "
+                                 "for it, and the critic starts from the policy")
+    for module in [roles.actor_critic, *roles.frozen_modules()]:
+        disable_dropout(module)
+    for module in roles.frozen_modules():
+        freeze(module)
+    roles.actor_critic.record_trainable()
+    return roles
+
+
+def _load_lm(path: str, tokenizer, options: LoadOptions, *, kind="causal-lm", quantize=False):
+    """A model with room for every token of `tokenizer` (its own tokenizer, which may have
+    gained a pad token in align.models.prepare_tokenizer)."""
+    model = models.load_model(path, kind=kind, dtype=options.dtype, trust_remote_code=options.trust_remote_code,
+                              quantization=options.quantization if quantize else None)
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def _is_classifier_checkpoint(path: str) -> bool:
+    """Whether `path` holds a trained sequence classifier (full model or SEQ_CLS adapter)."""
+    try:
+        if models.is_adapter(path):
+            with open(Path(path) / models.ADAPTER_CONFIG) as f:
+                return json.load(f).get("task_type") == "SEQ_CLS"
+        with open(Path(path) / "config.json") as f:
+            architectures = json.load(f).get("architectures") or []
+        return any(a.endswith("ForSequenceClassification") for a in architectures)
+    except OSError:
+        return False
+
+
+def _gradient_checkpointing(model):
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(model, "config"):
+        model.config.use_cache = False
+
+
+def _load_classifier(path, tokenizer, options):
+    """A one-logit sequence classifier from `path`. A causal-LM adapter (an SFT LoRA output)
+    is merged as a causal LM first and its body moved under a new score head (peft cannot
+    load a CAUSAL_LM adapter onto a classification model)."""
+    if _is_classifier_checkpoint(path) or not models.is_adapter(path):
+        return _load_lm(path, tokenizer, options, kind="seq-cls")
+    from transformers import AutoModelForSequenceClassification
+
+    causal = _load_lm(path, tokenizer, options)
+    config = copy.deepcopy(causal.config)
+    config.num_labels, config.architectures = 1, None
+    classifier = AutoModelForSequenceClassification.from_config(config, dtype=causal.dtype)
+    classifier.base_model.load_state_dict(backbone(causal).state_dict())
+    return classifier
+
+
+def _load_separate(policy_path, tokenizer, reward_path, reward_tok, critic_source, options) -> Roles:
+    policy = _load_lm(policy_path, tokenizer, options)
+    ref = _load_lm(policy_path, tokenizer, options)
+    critic_path = critic_source or policy_path
+    critic = _load_classifier(critic_path, tokenizer, options)
+    description = [f"layout: separate (full fine-tuning): policy and reference from {policy_path}"]
+    if _is_classifier_checkpoint(critic_path):
+        description.append(f"critic: sequence classifier from {critic_path}")
+    else:
+        with torch.no_grad():
+            score_head(critic).weight.zero_()  # a fresh head: predict 0 until it has learned
+        description.append(f"critic: {critic_path} with a new (zero) value head")
+    reward = None
+    if reward_path:
+        reward = _load_lm(reward_path, reward_tok, options, kind="seq-cls")
+        description.append(f"reward: sequence classifier from {reward_path}")
+    # A merged adapter comes back frozen (peft loads adapters for inference); train it all.
+    policy.requires_grad_(True)
+    critic.requires_grad_(True)
+    if options.gradient_checkpointing:
+        _gradient_checkpointing(policy)
+        _gradient_checkpointing(critic)
+    return Roles(ActorCritic(policy, critic=critic), "separate", ref_model=ref, reward_model=reward,
+                 description=description)
+
+
+def _shareable(adapter_path: str | None, base_path: str, policy_path: str, policy_is_adapter: bool):
+    """How a LoRA adapter folder can ride on the shared base: None (it can't), [] (it sits on
+    the base) or ["ref"] (it sits on the SFT adapter, which is loaded as "ref")."""
+    if not adapter_path or not models.is_adapter(adapter_path):
+        return None
+    with open(Path(adapter_path) / models.ADAPTER_CONFIG) as f:
+        config = json.load(f)
+    if config.get("peft_type") != "LORA":
+        return None
+    below = config.get("base_model_name_or_path") or ""
+    if same_model_path(below, base_path):
+        return []
+    if policy_is_adapter and same_model_path(below, policy_path):
+        # Two active adapters: only LoRA layers sum; modules_to_save copies cannot be stacked.
+        with open(Path(policy_path) / models.ADAPTER_CONFIG) as f:
+            if json.load(f).get("modules_to_save"):
+                return None
+        if [m for m in config.get("modules_to_save") or [] if m not in ("score", "classifier")]:
+            return None
+        return ["ref"]
+    return None
+
+
+def _add_adapter_from(model, folder: str, name: str, trainable: bool) -> torch.Tensor | None:
+    """Load a LoRA adapter folder (causal-LM or SEQ_CLS) into the shared causal-LM PeftModel
+    under `name`; return its score-head weight when it has one."""
+    from peft import LoraConfig, load_peft_weights, set_peft_model_state_dict
+
+    config = LoraConfig.from_pretrained(folder)
+    config.task_type = "CAUSAL_LM"
+    config.modules_to_save = [m for m in (config.modules_to_save or []) if m not in ("score", "classifier")] or None
+    config.inference_mode = not trainable
+    model.add_adapter(name, config)
+    weights = load_peft_weights(folder, device="cpu")
+    head = None
+    for key in list(weights):
+        if re.search(r"\.(score|classifier)\.weight$", key):
+            head = weights.pop(key)
+        elif re.search(r"\.(score|classifier)\.bias$", key):
+            weights.pop(key)
+    result = set_peft_model_state_dict(model, weights, adapter_name=name)
+    unexpected = [k for k in getattr(result, "unexpected_keys", []) if name in k or "lora" in k]
+    if unexpected:
+        raise AlignError(f"'{folder}': adapter weights do not fit the base model ({unexpected[0]})")
+    return head
+
+
+def _score_weight(path: str | None) -> torch.Tensor | None:
+    """The score-head weight stored in a classifier checkpoint (full model or adapter)."""
+    if not path or not _is_classifier_checkpoint(path):
+        return None
+    from safetensors import safe_open
+
+    for file in sorted(Path(path).glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                if re.search(r"(^|\.)(score|classifier)(\.modules_to_save\.[^.]+)?\.weight$", key):
+                    return f.get_tensor(key)
+    return None
+
+
+def _load_shared(policy_path, tokenizer, reward_path, reward_tok, critic_source, peft_config, options) -> Roles:
+    from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
+
+    if type(peft_config).__name__ != "LoraConfig":
+        raise AlignError("peft.method: PPO shares one base model through LoRA adapters; use method: lora")
+    policy_is_adapter = models.is_adapter(policy_path)
+    base_path = models.adapter_base(policy_path) if policy_is_adapter else policy_path
+    base = _load_lm(base_path, tokenizer, options, quantize=True)
+    if getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False):
+        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=options.gradient_checkpointing)
+    elif options.gradient_checkpointing:
+        _gradient_checkpointing(base)
+
+    description = [f"layout: shared (LoRA): one base model from {base_path}"]
+    if policy_is_adapter:
+        model = PeftModel.from_pretrained(base, policy_path, adapter_name=POLICY, is_trainable=True)
+        model.load_adapter(policy_path, adapter_name="ref", is_trainable=False)
+        ref_stack = ["ref"]
+        description.append(f"policy: adapter '{POLICY}' starting from the SFT adapter {policy_path} "
+                           f"(its LoRA shape; the peft block's r/targets apply to the critic)")
+        description.append("reference: the SFT adapter, frozen, as 'ref'")
+    else:
+        model = get_peft_model(base, copy.deepcopy(peft_config), adapter_name=POLICY)
+        ref_stack = []
+        description.append(f"policy: new LoRA adapter '{POLICY}'")
+        description.append("reference: the base with adapters disabled")
+    stacks = {"policy": [POLICY], "ref": ref_stack}
+
+    # Reward: an adapter on the same base rides along; anything else is its own model.
+    reward_head, reward_model = None, None
+    reward_stack = _shareable(reward_path, base_path, policy_path, policy_is_adapter)
+    if reward_stack is not None:
+        weight = _add_adapter_from(model, reward_path, "reward", trainable=False)
+        if weight is None:
+            raise AlignError(f"reward_model: adapter '{reward_path}' has no score head (is it a reward model?)")
+        reward_head = nn.Linear(weight.shape[1], weight.shape[0], bias=False, dtype=torch.float32)
+        with torch.no_grad():
+            reward_head.weight.copy_(weight.float())
+        stacks["reward"] = reward_stack + ["reward"]
+        where = "stacked on the SFT adapter 'ref'" if reward_stack else "on the shared base"
+        description.append(f"reward: adapter 'reward' from {reward_path}, {where}")
+    elif reward_path:
+        reward_model = _load_lm(reward_path, reward_tok, options, kind="seq-cls", quantize=True)
+        description.append(f"reward: separate sequence classifier from {reward_path}")
+
+    # Critic: start from the value/reward adapter when it shares the base, else a fresh adapter.
+    # Only an adapter sitting directly on the base is copied: a stacked critic could not be
+    # saved as one adapter that loads on its own.
+    critic_stack = _shareable(critic_source, base_path, policy_path, policy_is_adapter)
+    critic_stack = critic_stack if critic_stack == [] else None
+    hidden = model.get_base_model().config.get_text_config().hidden_size
+    value_head = nn.Linear(hidden, 1, bias=False, dtype=torch.float32)
+    nn.init.zeros_(value_head.weight)
+    if critic_stack is not None:
+        weight = _add_adapter_from(model, critic_source, CRITIC, trainable=True)
+        stacks["critic"] = critic_stack + [CRITIC]
+        description.append(f"critic: adapter '{CRITIC}' starting from {critic_source}")
+    else:
+        model.add_adapter(CRITIC, _critic_config(peft_config))
+        weight = _score_weight(critic_source) if critic_source else None
+        if weight is None and reward_model is not None and critic_source == reward_path:
+            weight = score_head(reward_model).weight.detach()
+        stacks["critic"] = [CRITIC]
+        description.append(f"critic: new LoRA adapter '{CRITIC}'")
+    if weight is not None and tuple(weight.shape) == (1, hidden):
+        with torch.no_grad():
+            value_head.weight.copy_(weight.float())
+        description.append(f"value head: copied from the score head of {critic_source}")
+    else:
+        description.append("value head: new, zero-initialised")
+    # make sure the trainable adapters (and only they) train
+    for name, param in model.named_parameters():
+        param.requires_grad_(adapter_name_of(name) in TRAINABLE_ADAPTERS)
+    switch = AdapterSwitch(model, stacks)
+    actor_critic = ActorCritic(model, value_head=value_head, switch=switch)
+    return Roles(actor_critic, "shared", reward_model=reward_model, reward_head=reward_head, base_path=base_path,
+                 description=description)
+
+
+def _critic_config(peft_config):
+    config = copy.deepcopy(peft_config)
+    config.task_type = "CAUSAL_LM"
+    config.modules_to_save = None  # the value head is ours; the LM head is not the critic's
+    config.inference_mode = False
+    return config

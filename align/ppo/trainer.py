@@ -1,0 +1,657 @@
+"""PPO with a critic for language models (Ziegler et al. 2019; InstructGPT's RL step).
+
+One training *step* is:
+
+1. ``rollout()``: take this process's share of a batch of prompts, sample responses with
+   the policy (KV-cached ``generate`` at ``temperature``, no top-k/top-p), cut them at the
+   first EOS / stop string, and compute under no-grad: the policy's log-probs (the "old"
+   policy), the reference's log-probs, the critic's values and the reward (reward model,
+   reward functions, or a weighted sum), all at the same temperature. The per-token reward
+   is ``-kl_coef * KL`` plus the score on the last real token; GAE gives advantages and
+   returns; advantages are whitened with statistics from every process.
+2. ``ppo_update()``: ``num_ppo_epochs`` passes over the rollout batch, each shuffled into
+   ``num_mini_batches`` minibatches of ``gradient_accumulation_steps`` micro-batches;
+   every minibatch is exactly one optimizer step on the clipped policy loss plus
+   ``vf_coef`` x the clipped value loss, gradients clipped per network.
+3. KL controller update, scheduler step, logging (``log_history.jsonl``), sample tables
+   (``samples.md``) and checkpoints (``checkpoints/checkpoint-N``).
+
+The math lives in :mod:`align.ppo.core`; the networks and their memory layout in
+:mod:`align.ppo.roles`. Runs under ``accelerate launch``: policy + critic are one DDP
+module, rollouts use the unwrapped module, metrics are averaged over processes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import re
+import shutil
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from align.errors import AlignError
+from align.ppo import core
+from align.ppo.config import PPOConfig
+from align.ppo.roles import Roles
+
+CHECKPOINTS = "checkpoints"
+LOG_FILE = "log_history.jsonl"
+SAMPLES_FILE = "samples.md"
+_CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
+
+
+@dataclasses.dataclass
+class Rollout:
+    """One rollout batch on this process. Tensors are (B, P) for the prompt, (B, T) for the
+    response; everything after the first stop token is padding (``mask`` false)."""
+
+    prompts: list
+    completions: list[str]
+    input_ids: torch.Tensor  # (B, P + T) prompt (left-padded) + response (pad after stop)
+    attention_mask: torch.Tensor  # (B, P + T) long
+    position_ids: torch.Tensor  # (B, P + T)
+    response: torch.Tensor  # (B, T)
+    mask: torch.Tensor  # (B, T) bool
+    has_stop: torch.Tensor  # (B,) bool
+    logprobs: torch.Tensor
+    ref_logprobs: torch.Tensor
+    values: torch.Tensor
+    scores: torch.Tensor  # (B,) after the missing-EOS penalty
+    raw_scores: torch.Tensor  # (B,) weighted reward before the penalty
+    source_scores: dict[str, torch.Tensor]
+    rewards: torch.Tensor
+    kl: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+    entropy: torch.Tensor  # (B, T)
+
+
+def position_ids_from(mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted over real tokens, as `generate` does for left-padded prompts."""
+    return (mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+class PPOTrainer:
+    """PPO trainer: ``train()`` runs rollouts and updates until the step budget is spent.
+
+    Args:
+        config: the PPOConfig.
+        roles: policy / reference / critic / reward, from ``align.ppo.roles.load_roles``.
+        tokenizer: the policy's tokenizer (with a pad token and, for chat prompts, a
+            chat template).
+        train_dataset: rows with a ``prompt`` column: text, or a list of chat messages.
+        reward_funcs: ``{name: f}`` with TRL's signature ``f(prompts, completions, **kw)
+            -> list[float]``; combined with the reward model by ``config.reward_weights``.
+        output_dir: where logs, samples and checkpoints go.
+        accelerator: an ``accelerate.Accelerator`` (one is made when omitted).
+        log: called with progress lines on the main process.
+    """
+
+    def __init__(self, config: PPOConfig, roles: Roles, tokenizer, train_dataset, *, output_dir,
+                 reward_funcs: dict | None = None, accelerator=None, log=print, seed: int = 42):
+        from accelerate import Accelerator
+        from transformers import GenerationConfig, get_scheduler, set_seed
+
+        self.config = config
+        self.roles = roles
+        self.tokenizer = tokenizer
+        self.dataset = train_dataset
+        self.output_dir = Path(output_dir)
+        self.reward_funcs = dict(reward_funcs or {})
+        self.accelerator = accelerator or Accelerator()
+        self.world_size = self.accelerator.num_processes
+        self.rank = self.accelerator.process_index
+        self.is_main = self.accelerator.is_main_process
+        self._log = log
+        self.seed = config.seed if config.seed is not None else seed
+
+        # Reward sources and their weights: reward model first, then functions in order.
+        self.sources = (["reward_model"] if roles.has_reward_model else []) + list(self.reward_funcs)
+        if not self.sources:
+            raise AlignError("reward_model: PPO needs a reward: set `reward_model:` and/or `reward_funcs:`")
+        weights = config.reward_weights or [1.0] * len(self.sources)
+        if len(weights) != len(self.sources):
+            raise AlignError(f"reward_weights: {len(weights)} weights for {len(self.sources)} reward sources "
+                             f"({', '.join(self.sources)})")
+        self.weights = [float(w) for w in weights]
+
+        # Step budget: one step = one global rollout batch.
+        self.global_batch = config.per_device_train_batch_size * self.world_size
+        if config.num_train_steps:
+            self.total_steps = config.num_train_steps
+        elif config.total_episodes:
+            self.total_steps = math.ceil(config.total_episodes / self.global_batch)
+        else:
+            self.total_steps = max(1, math.ceil(config.num_train_epochs * len(train_dataset) / self.global_batch))
+
+        # One optimizer, two parameter groups (policy, critic); scheduler stepped per rollout batch.
+        # The scheduler is not `prepare`d: accelerate would step it once per process.
+        actor_critic = roles.actor_critic
+        actor_critic.train()  # dropout is already off; train mode only matters for checkpointing
+        self.policy_params, self.critic_params = actor_critic.param_groups()
+        if not self.policy_params or not self.critic_params:
+            raise AlignError("model: nothing to train (no trainable policy or critic parameters)")
+        groups = [{"params": self.policy_params, "lr": config.learning_rate},
+                  {"params": self.critic_params, "lr": config.critic_learning_rate or config.learning_rate}]
+        optimizer = torch.optim.AdamW(groups, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon,
+                                      weight_decay=config.weight_decay)
+        self.optimizer_steps = 0  # counts real optimizer.step() calls (a post-hook, so skips show)
+        optimizer.register_step_post_hook(self._count_optimizer_step)
+        self.scheduler = get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=config.warmup_steps,
+                                       num_training_steps=self.total_steps)
+        self.model, self.optimizer = self.accelerator.prepare(actor_critic, optimizer)
+        if not self.accelerator.sync_gradients:  # left over from an earlier stage's accumulation
+            self.accelerator.gradient_state._set_sync_gradients(True)
+        self.unwrapped = self.accelerator.unwrap_model(self.model)
+        roles.to(self.accelerator.device)
+        self.device = self.accelerator.device
+
+        self.kl_ctl = (core.AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon)
+                       if config.adaptive_kl else core.FixedKLController(config.kl_coef))
+
+        # Sampling exactly from softmax(logits / T): no top-k, no top-p, nothing inherited
+        # from the checkpoint's generation_config (see ActorCritic.generate).
+        self.stop_ids = sorted(self._stop_token_ids())
+        self.generation_config = GenerationConfig(
+            max_new_tokens=config.response_length, min_new_tokens=0, do_sample=True, temperature=config.temperature,
+            top_k=0, top_p=1.0, eos_token_id=self.stop_ids, pad_token_id=tokenizer.pad_token_id,
+            stop_strings=config.stop_strings, use_cache=True)
+
+        # Model initialisation (identical on every process) is done; sampling noise now differs
+        # per process. A resumed run restores these generators from its checkpoint.
+        set_seed(self.seed + self.rank)
+        self.step = 0
+        self.resumed_from_step = 0
+        self.minibatch_stats: list[dict] = []  # per-minibatch stats of the latest update
+        self._perms: dict[int, torch.Tensor] = {}
+        self.checkpoint_dir = self.output_dir / CHECKPOINTS
+
+    # ------------------------------------------------------------------ small utilities
+
+    def log(self, message: str):
+        if self.is_main and self._log is not None:
+            self._log(message)
+
+    def _count_optimizer_step(self, optimizer, args, kwargs):
+        self.optimizer_steps += 1
+
+    def _stop_token_ids(self) -> set[int]:
+        ids = set()
+        for source in (self.tokenizer.eos_token_id, getattr(self._policy_lm().generation_config, "eos_token_id", None)):
+            if isinstance(source, int):
+                ids.add(source)
+            elif isinstance(source, (list, tuple)):
+                ids.update(int(i) for i in source)
+        if not ids:
+            raise AlignError("model: the tokenizer has no eos_token; PPO needs one to end responses")
+        return ids
+
+    def _policy_lm(self):
+        policy = self.roles.actor_critic.policy
+        return policy.get_base_model() if hasattr(policy, "get_base_model") else policy
+
+    def _sum_all(self, t: torch.Tensor) -> torch.Tensor:
+        return self.accelerator.reduce(t, reduction="sum") if self.world_size > 1 else t
+
+    def _mean_over_processes(self, stats: dict[str, float | torch.Tensor]) -> dict[str, float]:
+        keys = sorted(stats)
+        values = torch.tensor([float(stats[k]) for k in keys], dtype=torch.float64, device=self.device)
+        if self.world_size > 1:
+            values = self.accelerator.reduce(values, reduction="mean")
+        return {k: v for k, v in zip(keys, values.tolist())}
+
+    # ------------------------------------------------------------------ data
+
+    def prompts_for_step(self, step: int) -> list:
+        """This process's prompts for `step`: a fixed function of (seed, step, rank), so a
+        resumed run continues with exactly the prompts it would have seen."""
+        n = len(self.dataset)
+        first = step * self.global_batch + self.rank * self.config.per_device_train_batch_size
+        rows = []
+        for g in range(first, first + self.config.per_device_train_batch_size):
+            epoch, pos = divmod(g, n)
+            if epoch not in self._perms:
+                self._perms = {epoch: torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + epoch))}
+            rows.append(self.dataset[int(self._perms[epoch][pos])]["prompt"])
+        return rows
+
+    def encode_prompts(self, prompts: list) -> tuple[torch.Tensor, torch.Tensor]:
+        """Chat prompts through the chat template (with the generation prompt); text as is.
+        Left-padded, so every response starts at the same column."""
+        tok = self.tokenizer
+        encoded = []
+        for prompt in prompts:
+            if isinstance(prompt, list):
+                text = tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+                ids = tok(text, add_special_tokens=False)["input_ids"]
+            else:
+                ids = tok(prompt)["input_ids"]
+            if self.config.max_prompt_length:
+                ids = ids[-self.config.max_prompt_length:]
+            if not ids:
+                raise AlignError(f"dataset: empty prompt {prompt!r}")
+            encoded.append(ids)
+        width = max(len(ids) for ids in encoded)
+        input_ids = torch.full((len(encoded), width), tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(encoded), width), dtype=torch.long)
+        for i, ids in enumerate(encoded):
+            input_ids[i, width - len(ids):] = torch.tensor(ids)
+            mask[i, width - len(ids):] = 1
+        return input_ids.to(self.device), mask.to(self.device)
+
+    # ------------------------------------------------------------------ rollout
+
+    @torch.no_grad()
+    def generate(self, query: torch.Tensor, query_mask: torch.Tensor) -> torch.Tensor:
+        extra = {"tokenizer": self.tokenizer} if self.config.stop_strings else {}
+        out = self.unwrapped.generate(input_ids=query, attention_mask=query_mask,
+                                      generation_config=self.generation_config, **extra)
+        return out[:, query.shape[1]:]
+
+    def stop_mask(self, response: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mask, has_stop): real tokens up to and including the first EOS or stop string."""
+        mask, has_stop = core.response_mask_after_stop(response, self.stop_ids)
+        if self.config.stop_strings:
+            ends = self._stop_string_ends(response, mask)
+            found = ends >= 0
+            cols = torch.arange(response.shape[1], device=response.device)
+            mask = mask & (~found.unsqueeze(1) | (cols.unsqueeze(0) <= ends.unsqueeze(1)))
+            has_stop = has_stop | found
+        return mask, has_stop
+
+    def _stop_string_ends(self, response: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Index of the token that completes the first stop string in each row, else -1.
+        "The decoded prefix contains a stop string" is monotone in the prefix length, so a
+        binary search needs only log2(T) decodes per row."""
+        ends = []
+        for ids, row_mask in zip(response.tolist(), mask.tolist()):
+            n = sum(row_mask)
+            hit = lambda k: any(s in self.tokenizer.decode(ids[:k]) for s in self.config.stop_strings)  # noqa: E731
+            if n == 0 or not hit(n):
+                ends.append(-1)
+                continue
+            lo, hi = 1, n
+            while lo < hi:
+                mid = (lo + hi) // 2
+                lo, hi = (lo, mid) if hit(mid) else (mid + 1, hi)
+            ends.append(lo - 1)
+        return torch.tensor(ends, dtype=torch.long, device=response.device)
+
+    def _chunks(self, n: int):
+        size = self.config.rollout_forward_batch_size or n
+        return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+    @torch.no_grad()
+    def score(self, prompts, completions, input_ids, attention_mask, position_ids, response, mask):
+        """Weighted reward of every response -> (scores (B,), {source: scores})."""
+        per_source = {}
+        if self.roles.has_reward_model:
+            per_source["reward_model"] = self._reward_model_scores(prompts, completions, input_ids, attention_mask,
+                                                                   position_ids)
+        for name, func in self.reward_funcs.items():
+            if isinstance(prompts[0], list):
+                comps = [[{"role": "assistant", "content": c}] for c in completions]
+            else:
+                comps = completions
+            ids = [row[m].tolist() for row, m in zip(response, mask)]
+            values = func(prompts=prompts, completions=comps, completion_ids=ids)
+            if values is None or len(values) != len(prompts):
+                raise AlignError(f"reward_funcs: {name} returned {0 if values is None else len(values)} rewards "
+                                 f"for {len(prompts)} completions")
+            per_source[name] = torch.tensor([math.nan if v is None else float(v) for v in values],
+                                            dtype=torch.float32, device=self.device)
+        total = torch.zeros(len(prompts), dtype=torch.float32, device=self.device)
+        for (name, values), weight in zip(per_source.items(), self.weights):
+            if not torch.isfinite(values).all():
+                raise AlignError(f"reward_funcs: {name} returned a non-finite reward")
+            total = total + weight * values
+        return total, per_source
+
+    def _reward_model_scores(self, prompts, completions, input_ids, attention_mask, position_ids):
+        if self.roles.reward_tokenizer is None:  # same vocabulary: score the very tokens sampled
+            with self.accelerator.autocast():
+                return torch.cat([self.roles.reward_scores(input_ids[s], attention_mask[s], position_ids[s])
+                                  for s in self._chunks(len(prompts))])
+        tok = self.roles.reward_tokenizer
+        texts, special = [], True
+        for prompt, completion in zip(prompts, completions):
+            if isinstance(prompt, list):
+                texts.append(tok.apply_chat_template(prompt + [{"role": "assistant", "content": completion}],
+                                                     tokenize=False))
+                special = False
+            else:
+                texts.append(prompt + completion)
+        scores = []
+        for s in self._chunks(len(texts)):
+            enc = tok(texts[s], padding=True, padding_side="right", add_special_tokens=special, return_tensors="pt")
+            ids, am = enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
+            with self.accelerator.autocast():
+                scores.append(self.roles.reward_scores(ids, am))
+        return torch.cat(scores)
+
+    @torch.no_grad()
+    def rollout(self, prompts: list) -> Rollout:
+        cfg = self.config
+        query, query_mask = self.encode_prompts(prompts)
+        raw = self.generate(query, query_mask)
+        mask, has_stop = self.stop_mask(raw)
+        response = core.truncate_after_stop(raw, mask, self.tokenizer.pad_token_id)
+        input_ids = torch.cat([query, response], dim=1)
+        attention_mask = torch.cat([query_mask, mask.long()], dim=1)
+        position_ids = position_ids_from(attention_mask)
+        T = response.shape[1]
+
+        logprobs, ref_logprobs, values, entropy = [], [], [], []
+        for s in self._chunks(len(prompts)):
+            args = (input_ids[s], attention_mask[s], position_ids[s], T)
+            with self.accelerator.autocast():
+                logits, v = self.unwrapped(*args)
+                ref_logits = self.roles.ref_logits(*args)
+            logprobs.append(core.logprobs_from_logits(logits, response[s], cfg.temperature))
+            entropy.append(torch.cat([core.entropy_from_logits(row.unsqueeze(0).float() / cfg.temperature)
+                                      for row in logits]))
+            values.append(v)
+            ref_logprobs.append(core.logprobs_from_logits(ref_logits, response[s], cfg.temperature))
+            del logits, ref_logits
+        logprobs, ref_logprobs = torch.cat(logprobs), torch.cat(ref_logprobs)
+        values, entropy = torch.cat(values), torch.cat(entropy)
+
+        completions = [self.tokenizer.decode(row[m], skip_special_tokens=True) for row, m in zip(response, mask)]
+        raw_scores, per_source = self.score(prompts, completions, input_ids, attention_mask, position_ids,
+                                            response, mask)
+        scores = core.apply_missing_stop_penalty(raw_scores, has_stop, cfg.missing_eos_penalty)
+        rewards, kl = core.token_rewards(scores, logprobs, ref_logprobs, mask, self.kl_ctl.value, cfg.kl_estimator)
+        if cfg.whiten_rewards:
+            rewards = core.masked_whiten(rewards, mask, shift_mean=False, all_reduce=self._sum_all)
+        advantages, returns = core.gae(rewards, values, mask, cfg.gamma, cfg.lam)
+        if cfg.whiten_advantages:
+            advantages = core.masked_whiten(advantages, mask, all_reduce=self._sum_all)
+        return Rollout(prompts, completions, input_ids, attention_mask, position_ids, response, mask, has_stop,
+                       logprobs, ref_logprobs, values, scores, raw_scores, per_source, rewards, kl, advantages,
+                       returns, entropy)
+
+    # ------------------------------------------------------------------ PPO update
+
+    def ppo_update(self, batch: Rollout) -> dict[str, float]:
+        """num_ppo_epochs x num_mini_batches optimizer steps on one rollout batch."""
+        cfg = self.config
+        B, T = batch.response.shape
+        mb = B // cfg.num_mini_batches
+        micro = mb // cfg.gradient_accumulation_steps
+        self.minibatch_stats = []
+        steps_before = self.optimizer_steps
+        grad_norms = []
+        for epoch in range(cfg.num_ppo_epochs):
+            order = torch.randperm(B).to(self.device)
+            for m in range(cfg.num_mini_batches):
+                rows = order[m * mb:(m + 1) * mb]
+                totals: dict[str, float] = {}
+                for k in range(cfg.gradient_accumulation_steps):
+                    idx = rows[k * micro:(k + 1) * micro]
+                    last = k == cfg.gradient_accumulation_steps - 1
+                    with nullcontext() if last else self.accelerator.no_sync(self.model):
+                        loss, stats = self._micro_batch_loss(batch, idx, T)
+                        self.accelerator.backward(loss / cfg.gradient_accumulation_steps)
+                    for key, value in stats.items():
+                        totals[key] = totals.get(key, 0.0) + value / cfg.gradient_accumulation_steps
+                grad_norms.append(self._clip_gradients())
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.minibatch_stats.append({"epoch": epoch, "minibatch": m, **totals})
+
+        def mean(key):
+            return sum(s[key] for s in self.minibatch_stats) / len(self.minibatch_stats)
+
+        first = self.minibatch_stats[0]
+        return {
+            "policy_loss": mean("policy_loss"), "value_loss": mean("value_loss"), "clipfrac": mean("clipfrac"),
+            "value_clipfrac": mean("vf_clipfrac"), "approx_kl": mean("approx_kl"), "ratio": mean("ratio_mean"),
+            "first_minibatch_ratio": first["ratio_mean"], "first_minibatch_approx_kl": first["approx_kl"],
+            "last_minibatch_approx_kl": self.minibatch_stats[-1]["approx_kl"],
+            "grad_norm_policy": sum(g[0] for g in grad_norms) / len(grad_norms),
+            "grad_norm_critic": sum(g[1] for g in grad_norms) / len(grad_norms),
+            "optimizer_steps": self.optimizer_steps - steps_before,
+        }
+
+    def _micro_batch_loss(self, batch: Rollout, idx: torch.Tensor, T: int):
+        cfg = self.config
+        logits, values = self.model(batch.input_ids[idx], batch.attention_mask[idx], batch.position_ids[idx], T)
+        logprobs = core.logprobs_from_logits(logits, batch.response[idx], cfg.temperature)
+        del logits
+        mask = batch.mask[idx]
+        pg_loss, pg_stats = core.policy_loss(logprobs, batch.logprobs[idx], batch.advantages[idx], mask, cfg.cliprange)
+        vf_loss, vf_stats = core.value_loss(values, batch.values[idx], batch.returns[idx], mask, cfg.cliprange_value)
+        loss = pg_loss + cfg.vf_coef * vf_loss
+        stats = {"policy_loss": pg_loss.item(), "value_loss": vf_loss.item(),
+                 **{k: v.item() for k, v in {**pg_stats, **vf_stats}.items()}}
+        return loss, stats
+
+    def _clip_gradients(self) -> tuple[float, float]:
+        """Clip the policy's and the critic's gradients separately (the value loss is often
+        much larger early on and would otherwise shrink the policy's step)."""
+        self.accelerator.unscale_gradients()
+        norms = []
+        for params in (self.policy_params, self.critic_params):
+            with_grad = [p for p in params if p.grad is not None]
+            if not with_grad:
+                norms.append(0.0)
+                continue
+            if self.config.max_grad_norm is None:
+                norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in with_grad]))
+            else:
+                norm = torch.nn.utils.clip_grad_norm_(with_grad, self.config.max_grad_norm)
+            norms.append(float(norm))
+        return norms[0], norms[1]
+
+    # ------------------------------------------------------------------ the loop
+
+    def train(self) -> dict:
+        start = time.time()
+        self.resume()
+        cfg = self.config
+        self.log(f"[ppo] {self.total_steps} steps x {self.global_batch} prompts ({self.world_size} process"
+                 f"{'es' if self.world_size > 1 else ''}), {cfg.num_ppo_epochs} epochs x {cfg.num_mini_batches} "
+                 f"minibatches per step" + (f"; resuming at step {self.step}" if self.step else ""))
+        while self.step < self.total_steps:
+            t0 = time.time()
+            batch = self.rollout(self.prompts_for_step(self.step))
+            update = self.ppo_update(batch)
+            stats = self.batch_stats(batch)
+            self.kl_ctl.update(stats["kl"], self.global_batch)
+            self.scheduler.step()
+            self.step += 1
+            record = {"step": self.step, "episodes": self.step * self.global_batch, **stats,
+                      **self._mean_over_processes(update), "kl_coef_next": self.kl_ctl.value,
+                      "lr": self.scheduler.get_last_lr()[0], "seconds": round(time.time() - t0, 3)}
+            self._write_log(record)
+            if self.step % cfg.logging_steps == 0 or self.step == self.total_steps:
+                self.log(f"[ppo] step {self.step}/{self.total_steps}  reward {record['reward']:.4f}  "
+                         f"kl {record['kl']:.4f}  entropy {record['entropy']:.3f}  "
+                         f"pg {record['policy_loss']:.4f}  vf {record['value_loss']:.4f}  "
+                         f"clipfrac {record['clipfrac']:.3f}  len {record['response_length']:.1f}  "
+                         f"eos {record['eos_rate']:.2f}")
+            if cfg.sample_generations_every and self.step % cfg.sample_generations_every == 0:
+                self._write_samples(batch)
+            if cfg.save_steps and self.step % cfg.save_steps == 0 and self.step < self.total_steps:
+                self.save_checkpoint()
+        return self.summary(time.time() - start)
+
+    def batch_stats(self, batch: Rollout) -> dict[str, float]:
+        """Rollout statistics, averaged over every process."""
+        mask = batch.mask
+        kl_sum = batch.kl.sum(1)
+        non_score = (-self.kl_ctl.value * batch.kl).sum(1)
+        local = {
+            "kl": kl_sum.mean(), "kl_coef": self.kl_ctl.value, "non_score_reward": non_score.mean(),
+            "rlhf_reward": (batch.scores + non_score).mean(), "score": batch.scores.mean(),
+            "entropy": core.masked_mean(batch.entropy, mask), "response_length": mask.sum(1).float().mean(),
+            "eos_rate": batch.has_stop.float().mean(), "value_mean": core.masked_mean(batch.values, mask),
+            "returns_mean": core.masked_mean(batch.returns, mask),
+            **{f"reward/{k}": v.mean() for k, v in batch.source_scores.items() if len(batch.source_scores) > 1},
+        }
+        stats = self._mean_over_processes(local)
+        everyone = self.accelerator.gather(batch.raw_scores) if self.world_size > 1 else batch.raw_scores
+        stats["reward"] = float(everyone.mean())
+        stats["reward_std"] = float(everyone.std()) if everyone.numel() > 1 else 0.0
+        return stats
+
+    def summary(self, runtime: float) -> dict:
+        history = self.read_log()
+        if not history:
+            return {"global_step": self.step, "resumed_from_step": self.resumed_from_step}
+        window = history[-min(len(history), max(1, min(10, len(history) // 4))):]
+        return {
+            "reward_first": history[0]["reward"],
+            "reward_last": history[-1]["reward"],
+            "reward_mean": sum(r["reward"] for r in window) / len(window),
+            "kl_mean": sum(r["kl"] for r in window) / len(window),
+            "kl_coef": self.kl_ctl.value,
+            "response_length": history[-1]["response_length"],
+            "eos_rate": history[-1]["eos_rate"],
+            "global_step": self.step,
+            "episodes": self.step * self.global_batch,
+            "optimizer_steps": self.optimizer_steps,
+            "resumed_from_step": self.resumed_from_step,
+            "world_size": self.world_size,
+            "train_runtime": round(runtime, 2),
+        }
+
+    # ------------------------------------------------------------------ logs and samples
+
+    def _write_log(self, record: dict):
+        if self.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.output_dir / LOG_FILE, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def read_log(self) -> list[dict]:
+        path = self.output_dir / LOG_FILE
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def _write_samples(self, batch: Rollout):
+        if not self.is_main:
+            return
+
+        def cell(text) -> str:
+            if isinstance(text, list):
+                text = " / ".join(f"{m.get('role')}: {m.get('content')}" for m in text)
+            return str(text).replace("|", "\\|").replace("\n", "\\n")
+
+        n = min(self.config.num_sample_generations, len(batch.prompts))
+        lines = [f"## step {self.step}", "", "| prompt | response | reward |", "|---|---|---|"]
+        lines += [f"| {cell(batch.prompts[i])} | {cell(batch.completions[i])} | {batch.scores[i].item():.4f} |"
+                  for i in range(n)]
+        table = "\n".join(lines) + "\n\n"
+        with open(self.output_dir / SAMPLES_FILE, "a") as f:
+            f.write(table)
+        self.log(table.rstrip())
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save_checkpoint(self):
+        """checkpoint-N: trainable weights, optimizer, scheduler, KL controller, RNG states of
+        every process, counters. Written into a temp folder and renamed (atomic); the
+        newest `save_total_limit` are kept."""
+        final = self.checkpoint_dir / f"checkpoint-{self.step}"
+        tmp = self.checkpoint_dir / f"checkpoint-{self.step}.tmp"
+        if self.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        self.accelerator.wait_for_everyone()
+        if self.is_main:
+            from safetensors.torch import save_file
+
+            save_file(self.unwrapped.trainable_state_dict(), str(tmp / "trainable.safetensors"))
+            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save(_rng_state(), tmp / f"rng_state_{self.rank}.pth")
+        self.accelerator.wait_for_everyone()
+        if self.is_main:
+            state = {"step": self.step, "optimizer_steps": self.optimizer_steps, "kl_controller": self.kl_ctl.state_dict(),
+                     "world_size": self.world_size, "total_steps": self.total_steps}
+            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            for old in self.checkpoints()[:-self.config.save_total_limit]:
+                shutil.rmtree(old, ignore_errors=True)
+            self.log(f"[ppo] saved {final.name}")
+        self.accelerator.wait_for_everyone()
+
+    def checkpoints(self) -> list[Path]:
+        """Complete checkpoints, oldest first."""
+        if not self.checkpoint_dir.is_dir():
+            return []
+        found = [(int(m.group(1)), p) for p in self.checkpoint_dir.iterdir()
+                 if (m := _CHECKPOINT_DIR.match(p.name)) and (p / "trainer_state.json").is_file()]
+        return [p for _, p in sorted(found)]
+
+    def resume(self):
+        """Continue from the newest checkpoint, if any."""
+        found = self.checkpoints()
+        if not found:
+            if self.is_main:
+                (self.output_dir / LOG_FILE).unlink(missing_ok=True)
+                (self.output_dir / SAMPLES_FILE).unlink(missing_ok=True)
+            self.accelerator.wait_for_everyone()
+            return
+        path = found[-1]
+        from safetensors.torch import load_file
+
+        state = json.loads((path / "trainer_state.json").read_text())
+        self.unwrapped.load_trainable_state_dict(load_file(str(path / "trainable.safetensors")))
+        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False))
+        self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=False))
+        self.kl_ctl.load_state_dict(state["kl_controller"])
+        self.step = self.resumed_from_step = int(state["step"])
+        self.optimizer_steps = int(state["optimizer_steps"])
+        rng = path / f"rng_state_{self.rank}.pth"
+        if rng.exists():
+            _set_rng_state(torch.load(rng, map_location="cpu", weights_only=False))
+        if self.is_main:  # drop log lines and sample tables of steps the checkpoint does not contain
+            kept = [r for r in self.read_log() if r["step"] <= self.step]
+            (self.output_dir / LOG_FILE).write_text("".join(json.dumps(r) + "\n" for r in kept))
+            samples = self.output_dir / SAMPLES_FILE
+            if samples.exists():
+                tables = re.split(r"(?m)^(?=## step \d+$)", samples.read_text())
+                samples.write_text("".join(t for t in tables if t and int(t.split()[2]) <= self.step))
+        self.accelerator.wait_for_everyone()
+        self.log(f"[ppo] resumed from {path.name}")
+
+    # ------------------------------------------------------------------ outputs
+
+    def save(self, directory: Path, tokenizer=None):
+        """The policy (adapter or full model) + tokenizer into `directory`, so it loads like an
+        SFT output; the critic into `directory/critic`."""
+        self.accelerator.wait_for_everyone()
+        directory = Path(directory)
+        self.roles.save_policy(directory, self.is_main)
+        self.roles.save_critic(directory / "critic", self.is_main)
+        if self.is_main:
+            (tokenizer or self.tokenizer).save_pretrained(str(directory))
+            (tokenizer or self.tokenizer).save_pretrained(str(directory / "critic"))
+        self.accelerator.wait_for_everyone()
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

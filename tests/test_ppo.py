@@ -1,0 +1,188 @@
+"""PPO trainer on real tiny models: ratio 1 before the first update, exactly
+num_ppo_epochs x num_mini_batches optimizer steps per rollout batch, one base model under
+LoRA, a reward that rises, outputs that reload, and a SIGKILLed run that resumes to the
+very same result."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from align import models
+from align.errors import AlignError
+from align.recipe import build_recipe
+from conftest import REPO, read_metrics, run_align, write_recipe
+
+FAST = {"per_device_train_batch_size": 8, "num_mini_batches": 2, "gradient_accumulation_steps": 2,
+        "num_ppo_epochs": 2, "response_length": 8, "temperature": 1.0, "kl_coef": 0.01}
+
+
+def _build(tmp_path, model, block):
+    """The stage's trainer, built in this process from a one-stage recipe."""
+    from accelerate import PartialState
+    from transformers import set_seed
+
+    from align.run import Context
+    from align.stages import ppo
+
+    recipe = build_recipe({"name": "t", "seed": 0, "output_dir": str(tmp_path / "run"), "model": str(model),
+                           "stages": {"ppo": block}})
+    stage = recipe.stages[0]
+    stage.dir.mkdir(parents=True, exist_ok=True)
+    set_seed(0)
+    return ppo.build_trainer(stage, Context(recipe, PartialState())), stage
+
+
+def _lora_reward_adapter(base, out):
+    """A one-logit LoRA reward model on `base` (random, non-zero adapter and head)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(1)
+    model = AutoModelForSequenceClassification.from_pretrained(str(base), num_labels=1)
+    model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    model.save_pretrained(str(out))
+    models.load_tokenizer(str(base)).save_pretrained(str(out))
+    return out
+
+
+def _base_linear_weights(modules) -> set:
+    """Storage of every base-model Linear weight reachable from `modules` (LoRA factors and
+    one-logit heads excluded)."""
+    seen = set()
+    for module in modules:
+        for name, sub in module.named_modules():
+            if isinstance(sub, nn.Linear) and "lora_" not in name and sub.out_features > 1:
+                seen.add(sub.weight.data_ptr())
+    return seen
+
+
+def test_lora_one_base_model_ratio_one_and_step_count(tmp_path, tiny_model, data_dir):
+    reward = _lora_reward_adapter(tiny_model, tmp_path / "rm")
+    block = {"dataset": {"path": str(data_dir / "prompts.jsonl")}, **FAST, "num_train_steps": 3,
+             "peft": {"r": 4, "lora_alpha": 8, "target_modules": "all-linear"}, "learning_rate": 1e-2,
+             "reward_model": str(reward), "reward_funcs": "tests.rewards:letter_a", "reward_weights": [0.5, 1.0],
+             "adaptive_kl": True, "kl_estimator": "k3", "whiten_rewards": True, "missing_eos_penalty": -1.0,
+             "save_steps": 2, "sample_generations_every": 2}
+    trainer, stage = _build(tmp_path, tiny_model, block)
+    roles = trainer.roles
+
+    # One base model serves policy, reference, critic and reward.
+    assert roles.layout == "shared" and roles.ref_model is None and roles.reward_model is None
+    plain = models.load_model(str(tiny_model))
+    held = _base_linear_weights([roles.actor_critic, *roles.frozen_modules()])
+    assert len(held) == len(_base_linear_weights([plain])) > 0
+    adapters = set(roles.actor_critic.policy.peft_config)
+    assert adapters == {"default", "critic", "reward"}, adapters
+    assert trainer.sources == ["reward_model", "tests.rewards:letter_a"]
+
+    metrics = trainer.train()
+    trainer.save(stage.dir)
+    log = [json.loads(line) for line in (stage.dir / "log_history.jsonl").read_text().splitlines()]
+    per_update = FAST["num_ppo_epochs"] * FAST["num_mini_batches"]
+    assert [r["step"] for r in log] == [1, 2, 3]
+    for record in log:
+        # Old log-probs come from the policy being updated: nothing has moved yet.
+        assert abs(record["first_minibatch_ratio"] - 1.0) < 1e-5, record
+        assert record["first_minibatch_approx_kl"] < 1e-10, record
+        assert record["optimizer_steps"] == per_update, record
+    assert trainer.optimizer_steps == 3 * per_update == metrics["optimizer_steps"]
+    assert len(trainer.minibatch_stats) == per_update
+    assert log[0]["kl"] == 0.0  # the policy adapter starts as the identity
+    assert log[-1]["kl_coef"] != FAST["kl_coef"]  # adaptive controller moved
+    assert metrics["global_step"] == 3 and metrics["resumed_from_step"] == 0
+
+    # The policy loads like an SFT output, the critic like a reward model.
+    assert models.is_adapter(stage.dir) and models.is_adapter(stage.dir / "critic")
+    assert models.load_model(str(stage.dir)).config.vocab_size == plain.config.vocab_size
+    critic = models.load_model(str(stage.dir / "critic"), kind="seq-cls")
+    assert torch.equal(critic.score.weight.float(), roles.actor_critic.value_head.weight.detach().cpu())
+    assert (stage.dir / "checkpoints" / "checkpoint-2" / "trainer_state.json").is_file()
+    assert "## step 2" in (stage.dir / "samples.md").read_text()
+
+
+def test_stop_strings_mask_after_the_string(tmp_path, tiny_model, data_dir):
+    block = {"dataset": {"path": str(data_dir / "prompts.jsonl")}, **FAST, "num_train_steps": 1,
+             "reward_funcs": "tests.rewards:letter_a", "stop_strings": ["ba"]}
+    trainer, _ = _build(tmp_path, tiny_model, block)
+    tok = trainer.tokenizer
+    rows = [tok("cc dd ba ee ff", add_special_tokens=False)["input_ids"],
+            tok("cc dd ee ff ab", add_special_tokens=False)["input_ids"]]
+    width = max(map(len, rows))
+    ids = torch.tensor([r + [tok.pad_token_id] * (width - len(r)) for r in rows])
+    ids[1, len(rows[1]):] = tok.eos_token_id  # row 2 ends with EOS
+    ids = torch.cat([ids, torch.full((2, 1), tok.eos_token_id)], 1)
+    mask, has_stop = trainer.stop_mask(ids)
+    assert has_stop.tolist() == [True, True]
+    first = tok.decode(ids[0][mask[0]])
+    assert first.endswith("ba") and "ee" not in first
+    assert tok.decode(ids[1][mask[1]]) == "cc dd ee ff ab" + tok.eos_token
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"reward_funcs": None}, "reward_model"),
+    ({"per_device_train_batch_size": 6}, "per_device_train_batch_size"),
+    ({"reward_funcs": "tests.rewards"}, "reward_funcs"),
+    ({"reward_funcs": "tests.rewards:nope"}, "reward_funcs"),
+    ({"reward_weights": [1.0, 2.0]}, "reward_weights"),
+    ({"kl_estimator": "k2"}, "kl_estimator"),
+    ({"peft": {"method": "ia3"}}, "peft.method"),
+])
+def test_bad_recipes_fail_at_load_naming_the_field(tmp_path, data_dir, change, field):
+    block = {"dataset": {"path": str(data_dir / "prompts.jsonl")}, **FAST, "reward_funcs": "tests.rewards:letter_a",
+             **change}
+    block = {k: v for k, v in block.items() if v is not None}
+    with pytest.raises(AlignError, match=rf"stages\.ppo\.{field}"):
+        build_recipe({"name": "t", "output_dir": str(tmp_path), "model": "x", "stages": {"ppo": block}})
+
+
+def test_full_finetuning_learns_and_resumes_after_sigkill(tmp_path, tiny_model, data_dir):
+    """Full fine-tuning on an easy reward: the reward rises; a run killed after a checkpoint
+    resumes from it and ends exactly where an uninterrupted run ends."""
+    block = {"dataset": {"path": str(data_dir / "prompts.jsonl")}, **FAST, "per_device_train_batch_size": 16,
+             "num_ppo_epochs": 4, "num_train_steps": 16, "learning_rate": 3e-3, "save_steps": 4,
+             "reward_funcs": "tests.rewards:letter_a", "sample_generations_every": 8}
+    killed = write_recipe(tmp_path / "killed.yaml", tmp_path / "killed", {"ppo": block}, model=str(tiny_model))
+    whole = write_recipe(tmp_path / "whole.yaml", tmp_path / "whole", {"ppo": block}, model=str(tiny_model))
+    checkpoints = tmp_path / "killed" / "ppo" / "checkpoints"
+
+    env = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.Popen([sys.executable, "-m", "align", "run", str(killed)], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, **env})
+    deadline = time.time() + 300
+    while not any(checkpoints.glob("checkpoint-*[0-9]")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "killed" / "ppo" / "metrics.json").exists(), "killed before the end"
+
+    again = run_align(["run", killed], check=True)
+    assert "resumed from checkpoint-" in again.stdout
+    run_align(["run", whole], check=True)
+
+    out = tmp_path / "killed" / "ppo"
+    m, m_whole = read_metrics(out), read_metrics(tmp_path / "whole" / "ppo")
+    assert m["resumed_from_step"] >= 4 and m["global_step"] == m_whole["global_step"] == 16
+    assert m["world_size"] == 1 and m["optimizer_steps"] == 16 * 4 * 2
+    assert m["reward_mean"] > m["reward_first"] + 0.15, m
+    # Weights, optimizer, scheduler, RNG and data order all came back: the same run, step for step.
+    log = [json.loads(x) for x in (out / "log_history.jsonl").read_text().splitlines()]
+    log_whole = [json.loads(x) for x in (tmp_path / "whole" / "ppo" / "log_history.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 17))
+    for a, b in zip(log, log_whole):
+        assert a["reward"] == pytest.approx(b["reward"], abs=1e-6) and a["kl"] == pytest.approx(b["kl"], abs=1e-5)
+
+    assert (out / "model.safetensors").is_file() and (out / "critic" / "model.safetensors").is_file()
+    assert models.load_model(str(out / "critic"), kind="seq-cls").num_labels == 1
+    assert len(list(checkpoints.iterdir())) <= 2
