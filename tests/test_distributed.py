@@ -1,7 +1,7 @@
-"""`accelerate launch --multi_gpu --num_processes 2 -m align run` on a CPU machine: two processes
-over gloo (`--cpu` or a MULTI_CPU config silently starts one, so the world size is asserted)."""
+"""Every stage under `accelerate launch --multi_gpu --num_processes 2 -m align run` on a CPU
+machine: two processes over gloo (`--cpu` or a MULTI_CPU config silently start one, so the
+world size is asserted), agreeing with one process on the same global batch."""
 
-import shutil
 import sys
 from pathlib import Path
 
@@ -14,19 +14,41 @@ ACCELERATE = [str(Path(sys.executable).with_name("accelerate")), "launch", "--mu
               "-m", "align"]
 
 
+def _stage(kind, model, data_dir, per_device):
+    common = {"model": str(model), "learning_rate": 1e-3, "logging_steps": 1, "save_strategy": "no"}
+    if kind == "sft":
+        return {**common, "dataset": {"path": str(data_dir / "messages.jsonl")}, "max_steps": 6,
+                "per_device_train_batch_size": per_device}
+    if kind in ("reward", "dpo"):
+        return {**common, "dataset": {"path": str(data_dir / "prefs.jsonl")}, "max_steps": 4,
+                "per_device_train_batch_size": per_device, **({"peft": {"r": 4}} if kind == "dpo" else {})}
+    if kind == "ppo":
+        return {"model": str(model), "dataset": {"path": str(data_dir / "prompts.jsonl")},
+                "reward_funcs": "tests.rewards:letter_a", "per_device_train_batch_size": per_device,
+                "num_train_steps": 3, "response_length": 8, "num_ppo_epochs": 1, "learning_rate": 1e-3,
+                "peft": {"r": 4}, "save_steps": 100}
+    if kind == "rloo":
+        return {**common, "dataset": {"path": str(data_dir / "prompts.jsonl")}, "reward_funcs": "tests.rewards:letter_a",
+                "max_steps": 2, "per_device_train_batch_size": per_device, "num_generations": 4,
+                "max_completion_length": 8, "peft": {"r": 4}}
+    raise ValueError(kind)
+
+
 @pytest.mark.slow
-def test_sft_two_processes_match_one(tmp_path, tiny_model, data_dir):
-    """Same global batch (2 x 4 vs 1 x 8), same data order: the losses agree."""
-    stage = {"model": str(tiny_model), "dataset": {"path": str(data_dir / "messages.jsonl")},
-             "max_steps": 6, "learning_rate": 1e-3, "logging_steps": 1, "save_strategy": "no"}
-    two = write_recipe(tmp_path / "two.yaml", tmp_path / "two", {"sft": {**stage, "per_device_train_batch_size": 4}})
-    one = write_recipe(tmp_path / "one.yaml", tmp_path / "one", {"sft": {**stage, "per_device_train_batch_size": 8}})
+@pytest.mark.parametrize("kind", ["sft", "reward", "dpo", "ppo", "rloo"])
+def test_stage_two_processes_match_one(tmp_path, pretrained_model, data_dir, kind):
+    """Same global batch (2 x 4 vs 1 x 8). Trainer stages see the same data, so losses agree;
+    online stages sample with per-process seeds, so only their scale is compared."""
+    two = write_recipe(tmp_path / "two.yaml", tmp_path / "two", {kind: _stage(kind, pretrained_model, data_dir, 4)})
+    one = write_recipe(tmp_path / "one.yaml", tmp_path / "one", {kind: _stage(kind, pretrained_model, data_dir, 8)})
     result = run_align(["run", two], launcher=ACCELERATE, check=True)
     run_align(["run", one], check=True)
 
-    m2, m1 = read_metrics(tmp_path / "two" / "sft"), read_metrics(tmp_path / "one" / "sft")
+    m2, m1 = read_metrics(tmp_path / "two" / kind), read_metrics(tmp_path / "one" / kind)
     assert m2["world_size"] == 2 and m1["world_size"] == 1
-    assert m2["global_step"] == m1["global_step"] == 6
-    assert abs(m2["train_loss"] - m1["train_loss"]) < 0.05 * m1["train_loss"], (m1, m2)
-    assert result.stdout.count("+ sft") == 1, "only the main process prints"
-    assert (tmp_path / "two" / "sft" / "model.safetensors").is_file()
+    assert m2["global_step"] == m1["global_step"]
+    assert result.stdout.count(f"+ {kind}") == 1, "only the main process prints"
+    if kind in ("sft", "reward", "dpo"):
+        assert abs(m2["train_loss"] - m1["train_loss"]) < 0.05 * abs(m1["train_loss"]), (m1, m2)
+    else:
+        assert abs(m2["reward_mean"] - m1["reward_mean"]) < 0.3, (m1, m2)
