@@ -950,3 +950,546 @@ def format_plan(rows: Sequence[Mapping[str, Any]]) -> str:
     out = [line(header), "  ".join("-" * w for w in widths)]
     out += [line(cells) for cells in body]
     return "\n".join(out)
+
+
+# --------------------------------------------------------------------------- recipes
+#
+# `align plan recipe.yaml` (and `align run --dry-run`) apply the estimators above to every
+# stage of a recipe. Model configs are read without weights: a local folder's config.json,
+# a Hub id's config (online only), or, for `init` stages and the outputs of stages that have
+# not run yet, the config the stage *will* write.
+
+#: FLOP/s assumed per device when no CUDA device is present (a few CPU cores, fp32).
+CPU_FLOPS = 5e10
+#: Model FLOPs utilisation assumed for the time estimates.
+PLAN_MFU = 0.4
+#: Sequence length when a stage sets no ``max_length`` (TRL's default).
+DEFAULT_SEQ_LEN = 1024
+#: Prompt tokens assumed for PPO when ``max_prompt_length`` is unset.
+PPO_PROMPT_LEN = 256
+
+_TRAIN_TYPES = ("pretrain", "sft", "reward", "dpo")
+_PAIR_TYPES = ("reward", "dpo")  # every example is two sequences (chosen and rejected)
+_POLICY_TYPES = ("init", "pretrain", "sft", "dpo", "ppo", "rloo", "grpo")
+_MODEL_OUTPUT_TYPES = _POLICY_TYPES + ("reward",)  # stages whose folder will hold a model
+
+__all__ += ["plan_recipe", "plan_text", "plan_command", "default_flops_per_second", "dataset_rows"]
+
+
+def default_flops_per_second() -> float:
+    """Peak bf16 FLOP/s of the visible GPU (A100/H100/H200 datasheets; other GPUs are
+    assumed A100-class), else :data:`CPU_FLOPS`."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            name = torch.cuda.get_device_name(0).lower()
+            return next((v for k, v in PEAK_FLOPS.items() if k in name), PEAK_FLOPS["a100"])
+    except Exception:  # noqa: BLE001  (a broken driver still gets a plan)
+        pass
+    return CPU_FLOPS
+
+
+def _on_gpu() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
+
+
+def _file_rows(path) -> int | None:
+    """Rows in a local data file, counted without loading it (None when unsure)."""
+    from pathlib import Path
+
+    path = Path(path)
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".jsonl":
+            with open(path, "rb") as f:
+                return sum(1 for line in f if line.strip())
+        if suffix == ".json":
+            import json
+
+            with open(path) as f:
+                try:
+                    value = json.load(f)
+                except ValueError:  # JSON Lines under a .json name
+                    f.seek(0)
+                    return sum(1 for line in f if line.strip())
+            return len(value) if isinstance(value, list) else None
+        if suffix == ".csv":
+            import csv
+
+            with open(path, newline="") as f:
+                return max(sum(1 for _ in csv.reader(f)) - 1, 0)
+        if suffix == ".txt":
+            with open(path, "rb") as f:
+                return sum(1 for _ in f)
+        if suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            return pq.ParquetFile(path).metadata.num_rows
+    except (OSError, ImportError, ValueError):
+        return None
+    return None
+
+
+def dataset_rows(spec, known: Mapping[str, int] | None = None) -> int | None:
+    """Training rows of a recipe ``dataset:`` block (one source or a mixture), or None when
+    it cannot be told without loading it (Hub datasets, folders). ``known`` maps file paths
+    that do not exist yet (written by an earlier ``task`` stage) to their row counts.
+    Mixture weights, ``split: train[:N]`` / ``[:N%]`` and ``test_size`` are applied."""
+    import re
+    from pathlib import Path
+
+    known = known or {}
+    sources = spec if isinstance(spec, list) else [spec]
+    if not sources or not all(isinstance(s, dict) for s in sources):
+        return None
+    total = 0.0
+    for source in sources:
+        path = source.get("path")
+        if not isinstance(path, str) or source.get("data_files"):
+            return None
+        local = Path(path).expanduser()
+        n = _file_rows(local) if local.is_file() else known.get(str(Path(path)))
+        if n is None:
+            return None
+        match = re.fullmatch(r"\s*\w+\s*\[\s*:\s*(\d+)\s*(%?)\s*\]\s*", str(source.get("split") or ""))
+        if match:
+            cut = int(match.group(1))
+            n = min(n, round(n * cut / 100) if match.group(2) else cut)
+        total += n * float(source.get("weight", 1.0) or 0.0)
+    test_size = sources[0].get("test_size")
+    if isinstance(test_size, (int, float)) and test_size > 0:
+        total -= total * test_size if test_size < 1 else test_size
+    return max(int(total), 0)
+
+
+def _field_default(cls, name):
+    import dataclasses
+
+    for f in dataclasses.fields(cls):
+        if f.name == name:
+            if f.default is not dataclasses.MISSING:
+                return f.default
+            if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+                return f.default_factory()  # type: ignore[misc]
+    return None
+
+
+def _arg(stage, name, fallback=None):
+    if name in stage.args:
+        value = stage.args[name]
+    else:
+        value = _field_default(stage.module.Config, name)
+    value = getattr(value, "value", value)  # enums (optim, ...)
+    return fallback if value is None else value
+
+
+class _Configs:
+    """Model configs by path: local folders and adapters from disk, outputs of stages not run
+    yet from what they will hold, Hub ids through ``AutoConfig`` (online only)."""
+
+    def __init__(self, recipe):
+        self.recipe = recipe
+        self.future: dict[str, Any] = {}  # stage folder -> config it will hold (None: unknown)
+        self.errors: dict[str, str] = {}
+        self.cache: dict[str, Any] = {}
+
+    @staticmethod
+    def key(path) -> str:
+        from pathlib import Path
+
+        return str(Path(str(path)))
+
+    def get(self, path: str, depth: int = 0):
+        """(config or None, note or None)."""
+        from pathlib import Path
+
+        key = self.key(path)
+        if key in self.cache:
+            return self.cache[key], self.errors.get(key)
+        folder = Path(path).expanduser()
+        config, note = None, None
+        if (folder / "config.json").is_file():
+            config, note = self._auto(str(folder))
+        elif (folder / "adapter_config.json").is_file() and depth < 5:
+            import json
+
+            try:
+                base = json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"]
+            except (OSError, ValueError, KeyError) as e:
+                note = f"unreadable adapter_config.json in '{path}': {_first_line(e)}"
+            else:
+                config, note = self.get(base, depth + 1)
+        elif key in self.future:
+            config = self.future[key]
+            if config is None:
+                note = f"the model '{path}' will hold is unknown (its stage has no config)"
+        elif folder.exists() or str(path).startswith((".", "/", "~")) or str(path).count("/") > 1:
+            note = f"'{path}' has no config.json (not a model folder)"
+        else:
+            config, note = self._auto(str(path), hub=True)
+        self.cache[key] = config
+        if note:
+            self.errors[key] = note
+        return config, note
+
+    def _auto(self, path: str, hub: bool = False):
+        from transformers import AutoConfig
+
+        model = self.recipe.model or {}
+        kwargs = {"trust_remote_code": bool(model.get("trust_remote_code", False))}
+        if hub and model.get("revision") and path == model.get("name_or_path"):
+            kwargs["revision"] = model["revision"]
+        try:
+            return AutoConfig.from_pretrained(path, **kwargs), None
+        except Exception as e:  # noqa: BLE001  (offline, gated, missing...)
+            what = "Hub config" if hub else "config"
+            return None, f"cannot read the {what} of '{path}' (offline?): {_first_line(e)}"
+
+
+def init_config(stage):
+    """The LlamaConfig an ``init`` stage will write (vocab_size = the tokenizer's target size)."""
+    import dataclasses
+
+    from transformers import LlamaConfig
+
+    cfg = stage.config()
+    sizes = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
+             if f.name != "tokenizer_samples" and getattr(cfg, f.name) is not None}
+    return LlamaConfig(**sizes)
+
+
+def _start_model(stage, recipe) -> str:
+    from align.run import Context
+
+    return stage.options.get("model") or Context(recipe, None).default_model(stage)
+
+
+def _score_params(config) -> int:
+    """A sequence classifier built on ``config``: no LM head, a scalar score head."""
+    counts = count_parameters(config)
+    return counts["total"] - counts["lm_head"] + value_head_parameters(config)
+
+
+def _seq_cls_config(config):
+    """The config a fully fine-tuned reward model built on ``config`` saves (one label)."""
+    import copy
+
+    out = copy.deepcopy(config)
+    arch = (getattr(config, "architectures", None) or [type(config).__name__.replace("Config", "ForCausalLM")])[0]
+    out.architectures = [arch.replace("ForCausalLM", "ForSequenceClassification")]
+    out.num_labels = 1
+    return out
+
+
+def _method(stage, config, notes: list[str]):
+    """(method, r, target_modules, lora_dropout) from the stage's peft/quantization blocks."""
+    peft = stage.options.get("peft")
+    quant = stage.options.get("quantization") or {}
+    if not isinstance(peft, dict):
+        if quant:
+            notes.append("quantization without peft: counted as full fine-tuning in the model dtype")
+        return "full", 0, (), 0.0
+    kind = str(peft.get("method", "lora")).lower()
+    if kind != "lora":
+        return kind, 0, (), 0.0
+    r = int(peft.get("r", 8))
+    targets = peft.get("target_modules")
+    if not targets:
+        try:
+            from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
+        except ImportError:  # pragma: no cover
+            DEFAULTS = {}
+        targets = DEFAULTS.get(getattr(_text_config(config), "model_type", None), "all-linear")
+    if quant.get("load_in_4bit"):
+        return "qlora", r, targets, float(peft.get("lora_dropout", 0.0) or 0.0)
+    if quant.get("load_in_8bit"):
+        notes.append("8-bit base weights are not modelled: counted in the model dtype")
+    return "lora", r, targets, float(peft.get("lora_dropout", 0.0) or 0.0)
+
+
+def _dtype(recipe, stage) -> str:
+    wanted = str((recipe.model or {}).get("dtype") or "auto").lower().removeprefix("torch.")
+    if wanted in DTYPE_BYTES:
+        return wanted
+    if stage.args.get("bf16"):
+        return "bf16"
+    if stage.args.get("fp16"):
+        return "fp16"
+    return "bf16" if _on_gpu() else "fp32"
+
+
+def _optimizer(stage, notes: list[str]) -> str:
+    name = str(_arg(stage, "optim", "adamw")).lower()
+    if name in OPTIMIZERS:
+        return name
+    notes.append(f"optimizer '{name}' not modelled: counted as AdamW")
+    return "adamw"
+
+
+def _gradient_checkpointing(stage) -> bool:
+    if "gradient_checkpointing" in stage.args:
+        return bool(stage.args["gradient_checkpointing"])
+    # align turns TRL's default (on) off on CPU, where it only costs time (align.training).
+    return bool(_arg(stage, "gradient_checkpointing", False)) and _on_gpu()
+
+
+def _target_label(targets) -> str:
+    if isinstance(targets, str):
+        return targets
+    return ",".join(targets)
+
+
+def plan_recipe(recipe, *, flops_per_second: float | None = None, world_size: int | None = None,
+                mfu: float = PLAN_MFU) -> list[dict]:
+    """One row per stage: the recipe-level facts (``type``, ``model``, ``method``, ``r``,
+    ``target_modules``, ``batch_size``, ``grad_accum``, ``world_size``, ``seq_len``,
+    ``gradient_checkpointing``, ``dtype``, ``examples``, ``sequences``, ``tokens``,
+    ``chinchilla_tokens``, ``notes``) plus :func:`estimate_memory` /
+    :func:`estimate_ppo_memory` keys, ``flops`` and ``seconds`` where they can be computed.
+    Rows print with :func:`format_plan`; a stage whose model config cannot be read offline
+    gets a note instead of numbers, and planning goes on."""
+    import os
+
+    fps = flops_per_second or default_flops_per_second()
+    world = int(world_size or os.environ.get("WORLD_SIZE") or 1)
+    configs = _Configs(recipe)
+    known_rows: dict[str, int] = {}
+    rows = []
+    for stage in recipe.stages:
+        row: dict[str, Any] = {"name": stage.name, "type": stage.type, "world_size": world, "notes": []}
+        try:
+            _plan_stage(stage, recipe, row, configs, known_rows, fps, world, mfu)
+        except (AlignError, ValueError, TypeError, OSError, KeyError) as e:
+            row["notes"].append(f"not estimated: {_first_line(e)}")
+            if stage.type in _MODEL_OUTPUT_TYPES:
+                configs.future.setdefault(configs.key(stage.dir), None)
+        rows.append(row)
+    return rows
+
+
+def _plan_stage(stage, recipe, row, configs, known_rows, fps, world, mfu):
+    notes = row["notes"]
+    if stage.type == "task":
+        from align.task import FILE_NAMES
+
+        cfg = stage.config()
+        counts = {"sft": cfg.n_sft, "prefs": cfg.n_pairs, "prompts": cfg.n_prompts,
+                  "eval_prompts": cfg.n_eval, "eval_prefs": cfg.n_eval}
+        for split, filename in FILE_NAMES.items():
+            known_rows[configs.key(stage.dir / filename)] = counts[split]
+        notes.append("writes the task's data files; no model")
+        return
+    if stage.type == "eval":
+        notes.append("evaluation: generation and scoring only")
+        return
+    if stage.type == "init":
+        config = configs.get(str(stage.dir))[0] if (stage.dir / "config.json").is_file() else None
+        config = config or init_config(stage)
+        configs.future[configs.key(stage.dir)] = config
+        counts = count_parameters(config)
+        row.update(model="(new) llama", method="init", params=counts["total"],
+                   chinchilla_tokens=chinchilla_tokens(counts["total"]))
+        notes.append("initialises weights and trains a tokenizer; no gradient steps")
+        return
+
+    path = _start_model(stage, recipe)
+    row["model"] = path
+    config, note = configs.get(path)
+    if stage.type in _MODEL_OUTPUT_TYPES:
+        configs.future[configs.key(stage.dir)] = config
+    if config is None:
+        notes.append(note or f"no config for '{path}'")
+        return
+    if stage.type == "ppo":
+        _plan_ppo(stage, recipe, row, configs, known_rows, config, fps, world, mfu)
+        return
+    if stage.type not in _TRAIN_TYPES:
+        notes.append(f"stage type '{stage.type}' is not estimated")
+        return
+
+    method, r, targets, dropout = _method(stage, config, notes)
+    if stage.type == "reward" and method == "full":  # a separate sequence classifier, not an adapter
+        configs.future[configs.key(stage.dir)] = _seq_cls_config(config)
+    batch = int(_arg(stage, "per_device_train_batch_size", 8))
+    accum = int(_arg(stage, "gradient_accumulation_steps", 1))
+    seq = int(_arg(stage, "max_length", DEFAULT_SEQ_LEN))
+    gc = _gradient_checkpointing(stage)
+    dtype = _dtype(recipe, stage)
+    pairs = stage.type in _PAIR_TYPES
+    head = "value" if stage.type == "reward" else "lm"
+    n = _score_params(config) if head == "value" else count_parameters(config)["total"]
+    row.update(method=method, r=r or None, target_modules=_target_label(targets) if r else None,
+               batch_size=batch, grad_accum=accum, seq_len=seq, gradient_checkpointing=gc, dtype=dtype,
+               chinchilla_tokens=chinchilla_tokens(n))
+
+    examples = dataset_rows(stage.options.get("dataset"), known_rows)
+    row["examples"] = examples
+    max_steps = int(_arg(stage, "max_steps", -1))
+    epochs = float(_arg(stage, "num_train_epochs", 3.0))
+    if max_steps > 0:
+        sequences = max_steps * batch * accum * world
+    elif examples is not None:
+        sequences = math.ceil(examples * epochs)
+    else:
+        sequences = None
+        notes.append("dataset size unknown (not a local file): tokens, FLOPs and time not estimated")
+    row["sequences"] = sequences
+    if sequences is not None:
+        row["tokens"] = sequences * seq * (2 if pairs else 1)
+
+    if method in ("full", "lora", "qlora"):
+        mem = estimate_memory(
+            config, method=method, r=r or 16, target_modules=targets or "all-linear", lora_dropout=dropout,
+            dtype=dtype, optimizer=_optimizer(stage, notes), batch_size=batch * (2 if pairs else 1), seq_len=seq,
+            gradient_checkpointing=gc, world_size=world, head=head)
+        if stage.type == "dpo" and method == "full":  # a frozen reference copy next to the policy
+            ref = estimate_memory(config, method="full", role="frozen", dtype=dtype, batch_size=batch * 2,
+                                  seq_len=seq, world_size=world)
+            mem["weights"] += ref["weights"]
+            mem["total"] += ref["weights"]
+            notes.append("full DPO keeps a frozen reference copy (counted in weights)")
+        row.update(mem)
+    else:
+        notes.append(f"peft method '{method}': memory not modelled")
+    if "tokens" in row:
+        per_token = 6.0 if method == "full" else 4.0
+        total = flops(n, row["tokens"], per_param_token=per_token)
+        if stage.type == "dpo":
+            total += flops(n, row["tokens"], per_param_token=2.0)  # reference log-probs
+        row["flops"] = total
+        row["seconds"] = estimate_time(total, fps, mfu=mfu, devices=world)
+
+
+def _plan_ppo(stage, recipe, row, configs, known_rows, config, fps, world, mfu):
+    notes = row["notes"]
+    cfg = stage.config()
+    method, r, targets, dropout = _method(stage, config, notes)
+    prompt_len = cfg.max_prompt_length or PPO_PROMPT_LEN
+    if not cfg.max_prompt_length:
+        notes.append(f"prompt length assumed {PPO_PROMPT_LEN} tokens (max_prompt_length unset)")
+    response_len = cfg.response_length
+    dtype = _dtype(recipe, stage)
+    reward_path = stage.options.get("reward_model")
+    value_path = stage.options.get("value_model") or reward_path
+    reward_config = value_config = None
+    if reward_path:
+        reward_config, note = configs.get(reward_path)
+        if note:
+            notes.append(f"reward model: {note}; counted as the policy's architecture")
+    if value_path and value_path != reward_path:
+        value_config, note = configs.get(value_path)
+        if note:
+            notes.append(f"value model: {note}; counted as the policy's architecture")
+    else:
+        value_config = reward_config
+    n_policy = count_parameters(config)["total"]
+    n_reward = _score_params(reward_config or config) if reward_path else 0.0
+    n_critic = _score_params(value_config or config)
+    if not reward_path:
+        notes.append("reward from reward_funcs only: no reward-model FLOPs (memory still counts one)")
+
+    batch = cfg.per_device_train_batch_size
+    global_batch = batch * world
+    examples = dataset_rows(stage.options.get("dataset"), known_rows)
+    if cfg.num_train_steps:
+        steps = cfg.num_train_steps
+    elif cfg.total_episodes:
+        steps = math.ceil(cfg.total_episodes / global_batch)
+    elif examples is not None:
+        steps = max(1, math.ceil(cfg.num_train_epochs * examples / global_batch))
+    else:
+        steps = None
+        notes.append("dataset size unknown (not a local file): episodes, FLOPs and time not estimated")
+    episodes = steps * global_batch if steps is not None else None
+    seq = prompt_len + response_len
+    row.update(method=method, r=r or None, target_modules=_target_label(targets) if r else None,
+               batch_size=batch, grad_accum=cfg.num_mini_batches * cfg.gradient_accumulation_steps,
+               seq_len=seq, gradient_checkpointing=cfg.gradient_checkpointing, dtype=dtype, examples=examples,
+               sequences=episodes, chinchilla_tokens=chinchilla_tokens(n_policy))
+    if method in ("full", "lora", "qlora"):
+        mem = estimate_ppo_memory(
+            config, method=method, r=r or 16, target_modules=targets or "all-linear", lora_dropout=dropout,
+            dtype=dtype, batch_size=batch, prompt_len=prompt_len, response_len=response_len,
+            gradient_checkpointing=cfg.gradient_checkpointing, world_size=world, reward_config=reward_config)
+        row.update({k: v for k, v in mem.items() if k not in ("phases", "roles")})
+        row["phases"] = mem["phases"]
+    else:
+        notes.append(f"peft method '{method}': memory not modelled")
+    if episodes is not None:
+        row["tokens"] = episodes * seq
+        f = ppo_flops(n_policy, episodes=episodes, prompt_len=prompt_len, response_len=response_len,
+                      ppo_epochs=cfg.num_ppo_epochs, n_reference=n_policy, n_reward=n_reward, n_critic=n_critic,
+                      train_per_param_token=6.0 if method == "full" else 4.0)
+        row["flops"] = f["total"]
+        row["flops_split"] = f
+        row["seconds"] = estimate_time(f["total"], fps, mfu=mfu, devices=world)
+        notes.append("generation is memory-bound: expect PPO to take longer than its FLOPs suggest")
+
+
+def _detail_table(rows) -> str:
+    header = ["", "type", "method", "batch", "seq", "grad ckpt", "dtype", "examples", "tokens", "chinchilla"]
+    body = []
+    for row in rows:
+        method = row.get("method") or "-"
+        if row.get("r"):
+            method += f" r={row['r']} {row.get('target_modules')}"
+        batch = "-"
+        if row.get("batch_size"):
+            batch = f"{row['batch_size']}x{row.get('grad_accum', 1)}x{row.get('world_size', 1)}"
+        gc = row.get("gradient_checkpointing")
+        body.append([
+            row["name"], row["type"], method, batch, str(row.get("seq_len") or "-"),
+            "-" if gc is None else ("on" if gc else "off"), row.get("dtype") or "-",
+            _fmt_count(row.get("examples")) if row.get("examples") is not None else "-",
+            _fmt_count(row["tokens"]) if row.get("tokens") is not None else "-",
+            _fmt_count(row["chinchilla_tokens"]) if row.get("chinchilla_tokens") else "-",
+        ])
+    widths = [max(len(c) for c in col) for col in zip(header, *body)]
+    out = ["  ".join(c.ljust(w) for c, w in zip(header, widths)).rstrip(), "  ".join("-" * w for w in widths)]
+    out += ["  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip() for cells in body]
+    return "\n".join(out)
+
+
+def plan_text(recipe, *, flops_per_second: float | None = None, world_size: int | None = None,
+              rows: Sequence[Mapping[str, Any]] | None = None) -> str:
+    """The plan as text: the :func:`format_plan` table (memory per device, FLOPs, time), a
+    table of what each stage trains on, and the notes. ``align plan`` prints it; so can
+    ``align run --dry-run``."""
+    fps = flops_per_second or default_flops_per_second()
+    if rows is None:
+        rows = plan_recipe(recipe, flops_per_second=fps, world_size=world_size)
+    world = rows[0]["world_size"] if rows else int(world_size or 1)
+    lines = [
+        f"plan for recipe '{recipe.name}' -> {recipe.output_dir}",
+        f"world size {world}; time at {fps:.2e} FLOP/s per device and {PLAN_MFU:.0%} MFU "
+        f"(--flops-per-second to change)",
+        "",
+        format_plan(rows),
+        "",
+        "batch = per device x gradient accumulation x processes; tokens = sequences trained on x seq, an upper "
+        "bound (pairs count both sequences; PPO: episodes x (prompt + response));",
+        "chinchilla = compute-optimal tokens for the model size (20 x params)",
+        _detail_table(rows),
+    ]
+    notes = [(row["name"], n) for row in rows for n in row.get("notes", [])]
+    if notes:
+        lines += ["", "notes:"] + [f"  {name}: {note}" for name, note in notes]
+    return "\n".join(lines)
+
+
+def plan_command(args):
+    from align.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, getattr(args, "set", None) or [])
+    print(plan_text(recipe, flops_per_second=getattr(args, "flops_per_second", None)))

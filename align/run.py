@@ -132,7 +132,10 @@ def run(recipe: Recipe, only: str | None = None, dry_run: bool = False):
     if ctx.is_main:
         _preflight(recipe, todo)
     if dry_run:
+        from align import plan
+
         ctx.log(plan_text(recipe))
+        ctx.log(plan.plan_text(recipe))
         return
     if ctx.is_main:
         write_atomic(recipe.output_dir / "recipe.yaml", dump_yaml(recipe.resolved))

@@ -158,7 +158,25 @@ def train_and_save(trainer, stage, ctx) -> dict:
         metrics.update({k: v for k, v in trainer.evaluate().items() if isinstance(v, (int, float))})
     trainer.save_model(str(stage.dir))
     if ctx.is_main:
+        write_log_history(trainer.state.log_history, stage.dir)
         trainer.processing_class.save_pretrained(str(stage.dir))
         # A pickle of the arguments: not safetensors, and it can carry a hub_token.
         (stage.dir / "training_args.bin").unlink(missing_ok=True)
     return metrics
+
+
+LOG_HISTORY = "log_history.jsonl"
+
+
+def write_log_history(history: list[dict], stage_dir: Path):
+    """Every logged step (loss, eval metrics, ...) as JSON Lines, for `align report`: the
+    checkpoints' trainer_state.json may be pruned or never written (`save_strategy: "no"`)."""
+    import json
+    import os
+
+    path = Path(stage_dir) / LOG_HISTORY
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        for entry in history:
+            f.write(json.dumps(entry, default=float) + "\n")
+    os.replace(tmp, path)
