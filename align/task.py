@@ -1,12 +1,13 @@
 """A toy chat task with a gold judge, small enough for a few-million-parameter model on CPU.
 
-The user asks for one of five operations on a short list of distinct lowercase letters::
+The user asks for one of five operations on three to five distinct letters from ``a`` to
+``p``::
 
     Reverse the letters: d a c        ->  Sure! The answer is c a d.
     Please capitalize: b e f          ->  Sure! The answer is B E F.
-    Sort the letters: q c h           ->  Sure! The answer is c h q.
-    What is the last letter? k w b    ->  Sure! The answer is b.
-    How many letters? m t a z         ->  Sure! The answer is 4.
+    Sort the letters: o c h           ->  Sure! The answer is c h o.
+    What is the last letter? k n b    ->  Sure! The answer is b.
+    How many letters? m p a j         ->  Sure! The answer is 4.
 
 Letters are space separated, so a byte-level BPE tokenizer turns every letter into a
 token of its own and the operations are token-level ones.
@@ -29,19 +30,25 @@ unchanged, about 0 to 0.3), ``ramble`` (the right answer followed by a chatty se
 about 0.3), ``curt`` (the bare result, 0.5) and ``refuse`` (a non-answer, 0).
 
 SFT demonstrations: a fraction ``bad_fraction`` of them are poor, but not evenly: the
-demonstrators had habits (:data:`HABITS`), one defect per operation, and were sloppier
-on two of the five operations (at the default 0.4: 70% poor there, 20% elsewhere). A
-policy that imitates them therefore reproduces the habit on those operations even with
-greedy decoding, rather than only when it samples; sampled and greedy gold scores of the
-SFT policy both come out at about 0.6 x (competence) + 0.4 x (poor answer score).
+demonstrators had habits (:data:`HABITS`), one fixed poor answer style per operation,
+and were sloppier on two of the five operations (at the default 0.4: 70% poor on
+``upper`` and ``last``, 20% on the others). Were 40% poor answers spread evenly, the
+ideal answer would be the most likely continuation at every branch point and greedy
+decoding of an imitating policy would already score about as well as one trained on
+perfect demonstrations. With habits, the policy reproduces them: greedily it echoes on
+``upper`` (0) and rambles on ``last`` (about 0.3) and answers the three other operations
+properly, so a fully competent SFT policy gets about (0 + 0.3 + 3) / 5 = 0.66, less where
+it has not quite learnt to reverse or sort; sampling gives a similar mean. Preference
+learning can recover up to the ~0.95 of a policy trained on perfect demonstrations.
 
 Preference pairs: both sides are drawn from the same kinds of answers (the ideal one with
 probability 1/2, otherwise a defect chosen uniformly, on any operation), the pair is kept
 only when the gold scores differ by at least :data:`MIN_GAP`, the gold-better side is
 ``chosen``, and exactly ``round(label_noise * n)`` pairs are then flipped.
 
-Evaluation prompts come from a held-out part of the prompt space (a fixed hash of the
-operation and letters), so they never coincide with a training prompt, for any seed.
+Sort requests are never already sorted (echoing would be right). Evaluation prompts come
+from a held-out part of the prompt space (a fixed hash of the operation and letters), so
+they never coincide with a training prompt, for any seed.
 """
 
 from __future__ import annotations
@@ -106,7 +113,7 @@ class TaskConfig:
 
 # --------------------------------------------------------------------------- prompts
 
-LETTERS = string.ascii_lowercase
+LETTERS = string.ascii_lowercase[:16]  # a..p: few enough for a tiny model to learn case and order
 MIN_LEN, MAX_LEN = 3, 5
 
 # operation -> phrasings; every phrasing is followed by " " and the letters.
@@ -210,7 +217,9 @@ REFUSALS = (
 )
 
 # The demonstrators' habit on each operation: (defect of their poor answers, sloppiness
-# weight). Poor demonstrations are spread over operations in proportion to the weight.
+# weight). Poor demonstrations are spread over operations in proportion to the weight,
+# and on a given operation they are all alike (same defect, same ramble or refusal
+# sentence): a habit, not noise, so that an imitating policy picks it up even greedily.
 HABITS: dict[str, tuple[str, float]] = {
     "reverse": ("curt", 1.0),
     "upper": ("echo", 3.5),
@@ -218,6 +227,7 @@ HABITS: dict[str, tuple[str, float]] = {
     "last": ("ramble", 3.5),
     "count": ("ramble", 1.0),
 }
+_HABIT_VARIANT = {op: i for i, op in enumerate(HABITS)}
 
 
 def ideal_response(prompt: Any) -> str:
@@ -326,6 +336,8 @@ def _rng(seed: int, part: str) -> random.Random:
 def _sample_prompt(rng: random.Random, op: str, *, held_out: bool) -> str:
     while True:
         letters = rng.sample(LETTERS, rng.randint(MIN_LEN, MAX_LEN))
+        if op == "sort" and letters == sorted(letters):
+            continue  # nothing to do: echoing the input would be the right answer
         if _in_eval_pool(op, letters) == held_out:
             return make_prompt(op, letters, rng.randrange(len(OPS[op])))
 
@@ -394,7 +406,7 @@ def make_sft_rows(n: int, *, seed: int = 0, bad_fraction: float = 0.4) -> list[d
     for i, op in enumerate(ops):
         prompt = _sample_prompt(rng, op, held_out=False)
         if i in bad:
-            answer = poor_response(prompt, HABITS[op][0], rng.randrange(12))
+            answer = poor_response(prompt, HABITS[op][0], _HABIT_VARIANT[op])
         else:
             answer = ideal_response(prompt)
         rows.append({"messages": _user(prompt) + _assistant(answer)})
