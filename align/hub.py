@@ -34,6 +34,8 @@ import logging
 import math
 import os
 import re
+import sys
+import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
@@ -46,9 +48,14 @@ from align.errors import AlignError
 __all__ = [
     "HubPushError",
     "build_model_card",
+    "card_metrics",
     "hub_endpoint",
+    "push_command",
     "push_folder",
+    "push_model",
+    "push_stage",
     "select_model_files",
+    "stage_summaries",
 ]
 
 logger = logging.getLogger(__name__)
@@ -655,3 +662,178 @@ def push_folder(
         logger.info("Pushed %s: %s", repo_id, result)
         return result
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+# --------------------------------------------------------------------------- align push
+
+# Hyperparameters worth a column in the card's stage table, in this order.
+_CARD_HPARAMS = (
+    "learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
+    "lr_scheduler_type", "warmup_steps", "warmup_ratio", "max_length", "beta", "loss_type", "kl_coef", "cliprange",
+    "num_ppo_epochs", "num_generations", "rloo_k", "vocab_size", "hidden_size", "intermediate_size",
+    "num_hidden_layers", "num_attention_heads",
+)
+_CARD_PEFT = ("method", "r", "lora_alpha", "lora_dropout", "target_modules")
+# metrics.json bookkeeping that says nothing about the model.
+_CARD_SKIP_METRICS = frozenset({"world_size", "resumed_from_step"})
+
+
+def stage_summaries(recipe: dict | None, stage_name: str | None = None) -> list[dict]:
+    """Summaries of a resolved recipe's stages, up to and including `stage_name`, for the card:
+    name, type, dataset and the key hyperparameters (peft `r`/`lora_alpha`, quantization)."""
+    stages = (recipe or {}).get("stages") or {}
+    if not isinstance(stages, dict):
+        return []
+    names = list(stages)
+    if stage_name in stages:
+        names = names[: names.index(stage_name) + 1]
+    out = []
+    for name in names:
+        block = stages[name] if isinstance(stages[name], dict) else {}
+        params = {k: block[k] for k in _CARD_HPARAMS if k in block and block[k] is not None}
+        peft = block.get("peft")
+        if isinstance(peft, dict):
+            params.update({k: peft[k] for k in _CARD_PEFT if k in peft})
+        quant = block.get("quantization")
+        if isinstance(quant, dict) and (quant.get("load_in_4bit") or quant.get("load_in_8bit")):
+            bits = "4-bit " + str(quant.get("bnb_4bit_quant_type", "fp4")) if quant.get("load_in_4bit") else "8-bit"
+            params["quantization"] = f"{bits} (QLoRA)" if isinstance(peft, dict) else bits
+        summary = {"name": name, "type": block.get("type", name), "hyperparameters": params}
+        dataset = block.get("dataset") or block.get("prompts")
+        if dataset is not None:
+            summary["dataset"] = dataset
+        out.append(summary)
+    return out
+
+
+def _numbers(mapping: dict, prefix: str = "") -> dict:
+    return {f"{prefix}{k}": v for k, v in mapping.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in _CARD_SKIP_METRICS}
+
+
+def card_metrics(stage_dir: Path, recipe: dict | None = None) -> dict:
+    """The stage's metrics.json, plus this stage's rows of the run's eval results (`eval/eval.json`
+    and any other eval stage's folder) prefixed `eval/`."""
+    stage_dir = Path(stage_dir)
+    metrics = _numbers(_read_json(stage_dir / "metrics.json"))
+    run_dir = stage_dir.parent
+    stages = (recipe or {}).get("stages") or {}
+    eval_dirs = [run_dir / "eval"] + [run_dir / name for name, block in stages.items()
+                                      if isinstance(block, dict) and block.get("type") == "eval" and name != "eval"]
+    for folder in eval_dirs:
+        results = _read_json(folder / "eval.json")
+        mine = (results.get("policies") or {}).get(stage_dir.name)
+        if isinstance(mine, dict):
+            metrics.update(_numbers(mine, "eval/"))
+        this_type = (stages.get(stage_dir.name) or {}).get("type") if isinstance(stages, dict) else None
+        if this_type == "reward" and isinstance(results.get("reward_model"), dict):
+            metrics.update(_numbers(results["reward_model"], "eval/"))
+    return metrics
+
+
+def _base_model_of(stage_dir: Path, recipe: dict | None) -> str | None:
+    """An adapter's base; for a full model, the run's starting model (recipe `model`)."""
+    if (stage_dir / "adapter_config.json").is_file():
+        base = _read_json(stage_dir / "adapter_config.json").get("base_model_name_or_path")
+        if base:
+            return base
+    recipe = recipe or {}
+    model = recipe.get("model") or {}
+    if isinstance(model, str) and model:
+        return model
+    if isinstance(model, dict) and model.get("name_or_path"):
+        return model["name_or_path"]
+    # No top-level model: the first stage that starts from a model outside the run.
+    run_dir = str(recipe.get("output_dir") or stage_dir.parent)
+    stages = recipe.get("stages") if isinstance(recipe.get("stages"), dict) else {}
+    for name, block in stages.items():
+        start = block.get("model") if isinstance(block, dict) else None
+        if isinstance(start, str) and start and not start.startswith(run_dir.rstrip("/") + "/"):
+            return start
+        if name == stage_dir.name:
+            break
+    return None
+
+
+def _read_recipe(run_dir: Path) -> tuple[dict | None, str | None]:
+    path = run_dir / "recipe.yaml"
+    if not path.is_file():
+        return None, None
+    from align.recipe import parse_yaml
+
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = parse_yaml(text, str(path))
+    except AlignError:
+        return None, text
+    return (data if isinstance(data, dict) else None), text
+
+
+def push_model(stage_dir, *, repo_id: str, private: bool = False, merged: bool = False,
+               recipe: dict | None = None, recipe_text: str | None = None) -> str:
+    """Push a stage output (adapter or full model) with its model card; returns the commit URL.
+
+    The card is built from the resolved recipe (default: the run's recipe.yaml next to the stage
+    folder), the stage's metrics.json and the run's eval results. With `merged`, an adapter is
+    merged into its base in a temporary folder first and that full model is pushed."""
+    from align import infer, models
+
+    stage_dir = Path(stage_dir)
+    if not stage_dir.is_dir():
+        raise AlignError(f"push: '{stage_dir}' is not a folder")
+    if recipe is None and recipe_text is None:
+        recipe, recipe_text = _read_recipe(stage_dir.parent)
+    summaries = stage_summaries(recipe, stage_dir.name)
+    metrics = card_metrics(stage_dir, recipe)
+    base = _base_model_of(stage_dir, recipe)
+    layout = _detect_layout(stage_dir)
+    if not (layout["has_adapter_files"] or layout["has_full_files"]):
+        raise AlignError(f"push: '{stage_dir}' holds no model (adapter_config.json or config.json + *.safetensors)")
+    is_adapter = layout["adapter"]
+    if merged and not is_adapter:
+        print(f"note: {stage_dir} already holds full weights; pushing it as it is", file=sys.stderr)
+        merged = False
+    if is_adapter and not merged and base and os.path.exists(base):
+        print(f"note: the adapter's base is the local folder {base}; Hub users will need that base too "
+              f"(push it, or use --merged)", file=sys.stderr)
+
+    def card_and_push(folder: Path) -> str:
+        card = build_model_card(folder, repo_id=repo_id, base_model=base, stage_summaries=summaries,
+                                metrics=metrics, recipe_text=recipe_text, merged=merged)
+        return push_folder(folder, repo_id=repo_id, private=private, card_text=card)
+
+    if not merged:
+        return card_and_push(stage_dir)
+    with tempfile.TemporaryDirectory(prefix="align-push-", ignore_cleanup_errors=True) as tmp:
+        folder = Path(tmp) / stage_dir.name  # the card finds this stage by the folder name
+        infer.merge_adapter(stage_dir, folder)
+        if models.is_adapter(folder):  # pragma: no cover - merge_adapter writes a full model
+            raise AlignError(f"push: merging {stage_dir} did not produce a full model")
+        return card_and_push(folder)
+
+
+def push_stage(recipe, stage, *, repo_id: str, private: bool = False, merged: bool = False) -> str:
+    """Push a finished stage of a run (the recipe `hub:` block calls this after the stage)."""
+    from align.recipe import dump_yaml
+
+    try:
+        url = push_model(stage.dir, repo_id=repo_id, private=private, merged=merged, recipe=recipe.resolved,
+                         recipe_text=dump_yaml(recipe.resolved))
+    except HubPushError as e:
+        # The stage is finished and will be skipped on a rerun: say how to push it later.
+        hint = f"align push {stage.dir} --repo-id {repo_id}{' --merged' if merged else ''}{' --private' if private else ''}"
+        raise HubPushError(f"{e}; the stage is saved, push it later with `{hint}`", repo_id=e.repo_id,
+                           status=e.status, attempts=e.attempts) from None
+    print(f"  {stage.name} -> {url}", file=sys.stderr)
+    return url
+
+
+def push_command(args):
+    """`align push TARGET --repo-id ID [--private] [--merged]`; TARGET: stage output or run folder."""
+    from align import infer
+
+    path = Path(infer.resolve_target(args.target))
+    if not path.is_dir():
+        raise AlignError(f"{args.target}: no such folder (push takes a stage output or run folder)")
+    url = push_model(path, repo_id=args.repo_id, private=args.private, merged=args.merged)
+    print(f"pushed {path} to {args.repo_id}: {url}")

@@ -362,17 +362,23 @@ def _save_dtype(config):
     return dtype if dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
 
 
-@contextlib.contextmanager
-def atomic_dir(out: Path):
-    """Yield a temporary folder next to `out`; on success it replaces `out` in one rename.
-
-    An existing `out` is only replaced when it is empty or holds a model (config.json)."""
+def check_out_dir(out: Path):
+    """An output folder may be new, empty, or a model folder (which is then replaced)."""
     out = Path(out)
     if out.exists():
         if not out.is_dir():
             raise AlignError(f"--out: '{out}' is a file; give a folder")
         if any(out.iterdir()) and not (out / "config.json").is_file():
             raise AlignError(f"--out: '{out}' is not empty and holds no model; choose a new folder")
+
+
+@contextlib.contextmanager
+def atomic_dir(out: Path):
+    """Yield a temporary folder next to `out`; on success it replaces `out` in one rename.
+
+    An existing `out` is only replaced when it is empty or holds a model (config.json)."""
+    out = Path(out)
+    check_out_dir(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -399,6 +405,7 @@ def merge_adapter(adapter_dir, out, *, trust_remote_code: bool = False, quiet: b
     out = Path(out)
     if out.resolve() == adapter_dir.resolve():
         raise AlignError("--out: must differ from the adapter folder")
+    check_out_dir(out)  # before minutes of loading, not after
     adapter_cfg = json.loads((adapter_dir / models.ADAPTER_CONFIG).read_text())
     base = adapter_cfg.get("base_model_name_or_path")
     if not base:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -65,6 +66,33 @@ def check_training_fields(stage):
                              f"add a `peft:` block (QLoRA) or remove `quantization`")
     if stage.options.get("peft") is not None:
         peft_config(stage.options["peft"], task_type="CAUSAL_LM", where=f"{where}.peft")
+    check_sharding(stage)
+
+
+def sharding() -> str | None:
+    """'zero3' or 'fsdp' when `accelerate launch` shards weights across processes, else None."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        return "fsdp"
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" and \
+            os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3":
+        return "zero3"
+    return None
+
+
+def check_sharding(stage):
+    """Refuse the combinations that fail deep inside a sharded run (axolotl #207 #1240)."""
+    mode = sharding()
+    if mode is None:
+        return
+    where = f"stages.{stage.name}"
+    quant = stage.options.get("quantization") or {}
+    if quant.get("load_in_4bit") and not quant.get("bnb_4bit_quant_storage"):
+        raise AlignError(f"{where}.quantization: QLoRA under {mode} shards the 4-bit weights, which needs "
+                         f"`bnb_4bit_quant_storage` equal to the compute dtype, e.g. bnb_4bit_quant_storage: bfloat16")
+    if stage.type == "ppo":
+        raise AlignError(f"{where}: PPO generates with the whole policy on every process; run it with DDP or "
+                         f"DeepSpeed ZeRO-2 (recipes/accelerate/ddp.yaml, zero2.yaml), with LoRA so one base "
+                         f"serves every role, not {mode}")
 
 
 def _bnb_fields():
