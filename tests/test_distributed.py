@@ -52,3 +52,28 @@ def test_stage_two_processes_match_one(tmp_path, pretrained_model, data_dir, kin
         assert abs(m2["train_loss"] - m1["train_loss"]) < 0.05 * abs(m1["train_loss"]), (m1, m2)
     else:
         assert abs(m2["reward_mean"] - m1["reward_mean"]) < 0.3, (m1, m2)
+
+
+@pytest.mark.slow
+def test_sft_under_fsdp2_on_cpu(tmp_path, pretrained_model, data_dir):
+    """The repository's FSDP2 config, on 2 CPU processes: the config file must say `use_cpu: true`
+    (the `--cpu` flag silently drops to one process)."""
+    import yaml
+    from transformers import AutoModelForCausalLM
+
+    from conftest import REPO
+
+    config = yaml.safe_load((REPO / "recipes/accelerate/fsdp2.yaml").read_text())
+    config.update(num_processes=2, mixed_precision="no", use_cpu=True)
+    (tmp_path / "fsdp2.yaml").write_text(yaml.safe_dump(config))
+    launcher = [ACCELERATE[0], "launch", "--config_file", str(tmp_path / "fsdp2.yaml"), "-m", "align"]
+    two = write_recipe(tmp_path / "two.yaml", tmp_path / "two", {"sft": _stage("sft", pretrained_model, data_dir, 4)})
+    one = write_recipe(tmp_path / "one.yaml", tmp_path / "one", {"sft": _stage("sft", pretrained_model, data_dir, 8)})
+    run_align(["run", two], launcher=launcher, check=True)
+    run_align(["run", one], check=True)
+    m2, m1 = read_metrics(tmp_path / "two" / "sft"), read_metrics(tmp_path / "one" / "sft")
+    assert m2["world_size"] == 2
+    assert abs(m2["train_loss"] - m1["train_loss"]) < 0.05 * m1["train_loss"], (m1, m2)
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "two" / "sft")  # gathered from the shards
+    base = AutoModelForCausalLM.from_pretrained(pretrained_model)
+    assert sum(p.numel() for p in saved.parameters()) == sum(p.numel() for p in base.parameters())
