@@ -72,7 +72,12 @@ def is_complete(stage) -> bool:
         return False
 
 
-def check_output_dir(path: Path):
+def check_output_dir(path: Path, create: bool = True):
+    if not create:  # a dry run leaves no trace: check the nearest existing folder instead
+        existing = next(p for p in [path, *path.parents] if p.exists())
+        if not existing.is_dir() or not os.access(existing, os.W_OK):
+            raise AlignError(f"output_dir: cannot write to '{path}' ('{existing}' is not a writable folder)")
+        return
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / f".align-write-test{os.getpid()}"
@@ -127,7 +132,7 @@ def run(recipe: Recipe, only: str | None = None, dry_run: bool = False):
                 raise AlignError(f"--stage {only}: earlier stage '{prev.name}' is not finished; run the recipe "
                                  f"without --stage first")
     if ctx.is_main:
-        check_output_dir(recipe.output_dir)
+        check_output_dir(recipe.output_dir, create=not dry_run)
     todo = [s for s in selected if not is_complete(s)]
     if ctx.is_main:
         _preflight(recipe, todo)
