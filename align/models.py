@@ -147,6 +147,7 @@ def load_model(
     quantization: dict | None = None,
     trust_remote_code: bool = False,
     revision: str | None = None,
+    attn_implementation: str | None = None,
 ):
     """Load a causal LM, or a one-logit sequence classifier with kind="seq-cls".
 
@@ -154,6 +155,8 @@ def load_model(
     weights (see `_load_merged_adapter`).
     """
     kwargs = dict(dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code, revision=revision)
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
     if kind == "seq-cls":
         kwargs["num_labels"] = 1
     qconfig = quantization_config(quantization)
@@ -186,7 +189,8 @@ def _load_merged_adapter(path, kind, dtype, trust_remote_code, kwargs):
 
     own_kind = adapter_kind(path)
     if own_kind == kind and "quantization_config" not in kwargs:
-        base = load_model(adapter_base(path), kind=kind, dtype=dtype, trust_remote_code=trust_remote_code)
+        base = load_model(adapter_base(path), kind=kind, dtype=dtype, trust_remote_code=trust_remote_code,
+                          attn_implementation=kwargs.get("attn_implementation"))
         merged = PeftModel.from_pretrained(base, path).merge_and_unload()
         merged.config._name_or_path = str(path)
         return merged

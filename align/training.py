@@ -144,6 +144,7 @@ def load_policy(stage, ctx, kind: str = "causal-lm"):
     model = models.load_model(
         path, kind=kind, dtype=ctx.model.get("dtype", "auto"), quantization=stage.options.get("quantization"),
         trust_remote_code=trust, revision=ctx.model.get("revision") if path == ctx.model.get("name_or_path") else None,
+        attn_implementation=ctx.model.get("attn_implementation"),
     )
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))  # we added a pad / end-of-turn token
