@@ -33,6 +33,7 @@ FORMATS = {"lm": [{"text"}, {"prompt", "completion"}, {"messages"}],
            "text": [{"text"}],
            "preference": [{"prompt", "chosen", "rejected"}, {"chosen", "rejected"}],
            "prompt": [{"prompt"}]}
+FORMATS["any"] = FORMATS["lm"] + FORMATS["preference"] + FORMATS["prompt"]  # e.g. text to train a tokenizer on
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "system": "system", "model": "assistant"}
 

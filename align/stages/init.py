@@ -38,7 +38,8 @@ def validate(stage, model):
 
 def run(stage, ctx):
     cfg = stage.config()
-    ds, _ = _any_format(stage, ctx)
+    # The tokenizer learns from whatever the data is: SFT, preference or prompt rows.
+    ds, _ = data.load(stage.options["dataset"], "any", f"stages.{stage.name}.dataset", ctx.seed)
     tokenizer = models.train_tokenizer(data.texts_of(ds, cfg.tokenizer_samples), cfg.vocab_size)
     torch.manual_seed(ctx.seed)
     sizes = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
@@ -50,15 +51,3 @@ def run(stage, ctx):
     n = sum(p.numel() for p in model.parameters())
     return {"parameters": n, "vocab_size": len(tokenizer)}
 
-
-def _any_format(stage, ctx):
-    # The tokenizer learns from whatever the data is: SFT, preference or prompt rows.
-    spec = stage.options["dataset"]
-    for kind in ("lm", "preference", "prompt"):
-        try:
-            return data.load(spec, kind, f"stages.{stage.name}.dataset", ctx.seed)
-        except AlignError as e:
-            if "missing column" not in str(e):
-                raise
-            last = e
-    raise last
