@@ -186,3 +186,21 @@ def test_full_finetuning_learns_and_resumes_after_sigkill(tmp_path, tiny_model, 
     assert (out / "model.safetensors").is_file() and (out / "critic" / "model.safetensors").is_file()
     assert models.load_model(str(out / "critic"), kind="seq-cls").num_labels == 1
     assert len(list(checkpoints.iterdir())) <= 2
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["separate", "shared"])
+def test_ppo_reward_score_matches_the_reward_model_as_evaluated(tmp_path, tiny_model, data_dir, lora):
+    """PPO must read the reward model where RewardTrainer trained it (the chat-template text),
+    so its scores equal align eval's (and TRL's) for the same prompt and completion."""
+    from align import evaluate
+
+    reward = _lora_reward_adapter(tiny_model, tmp_path / "rm")
+    block = {"dataset": {"path": str(data_dir / "prompts.jsonl")}, **FAST, "num_train_steps": 1,
+             "reward_model": str(reward), **({"peft": {"r": 4}} if lora else {})}
+    trainer, _ = _build(tmp_path, tiny_model, block)
+    prompts = [[{"role": "user", "content": "reverse abc"}], [{"role": "user", "content": "reverse fed"}]]
+    completions = ["cba", "I do not know"]
+    ppo_scores = trainer._reward_model_scores(prompts, completions)
+    rm = models.load_model(str(reward), kind="seq-cls", dtype="float32").eval()
+    expected = evaluate.reward_scores(rm, models.load_tokenizer(str(reward)), prompts, completions)
+    assert torch.allclose(ppo_scores.cpu(), torch.tensor(expected), atol=1e-4), (ppo_scores, expected)

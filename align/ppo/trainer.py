@@ -290,12 +290,11 @@ class PPOTrainer:
         return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
     @torch.no_grad()
-    def score(self, prompts, completions, input_ids, attention_mask, position_ids, response, mask):
+    def score(self, prompts, completions, response, mask):
         """Weighted reward of every response -> (scores (B,), {source: scores})."""
         per_source = {}
         if self.roles.has_reward_model:
-            per_source["reward_model"] = self._reward_model_scores(prompts, completions, input_ids, attention_mask,
-                                                                   position_ids)
+            per_source["reward_model"] = self._reward_model_scores(prompts, completions)
         for name, func in self.reward_funcs.items():
             if isinstance(prompts[0], list):
                 comps = [[{"role": "assistant", "content": c}] for c in completions]
@@ -315,12 +314,11 @@ class PPOTrainer:
             total = total + weight * values
         return total, per_source
 
-    def _reward_model_scores(self, prompts, completions, input_ids, attention_mask, position_ids):
-        if self.roles.reward_tokenizer is None:  # same vocabulary: score the very tokens sampled
-            with self.accelerator.autocast():
-                return torch.cat([self.roles.reward_scores(input_ids[s], attention_mask[s], position_ids[s])
-                                  for s in self._chunks(len(prompts))])
-        tok = self.roles.reward_tokenizer
+    def _reward_model_scores(self, prompts, completions):
+        # Score text rendered the way the reward model was trained (RewardTrainer, TRL's RLOO and
+        # align eval all apply the chat template to prompt + completion), so the score is read
+        # at the same token; re-tokenising also covers a reward model with its own vocabulary.
+        tok = self.roles.reward_tokenizer or self.tokenizer
         texts, special = [], True
         for prompt, completion in zip(prompts, completions):
             if isinstance(prompt, list):
@@ -365,8 +363,7 @@ class PPOTrainer:
         values, entropy = torch.cat(values), torch.cat(entropy)
 
         completions = [self.tokenizer.decode(row[m], skip_special_tokens=True) for row, m in zip(response, mask)]
-        raw_scores, per_source = self.score(prompts, completions, input_ids, attention_mask, position_ids,
-                                            response, mask)
+        raw_scores, per_source = self.score(prompts, completions, response, mask)
         scores = core.apply_missing_stop_penalty(raw_scores, has_stop, cfg.missing_eos_penalty)
         rewards, kl = core.token_rewards(scores, logprobs, ref_logprobs, mask, self.kl_ctl.value, cfg.kl_estimator)
         if cfg.whiten_rewards:
