@@ -231,12 +231,13 @@ def _interpolate(value, refs: dict, where: str, all_names: list[str]):
 
 
 def _chain_hashes(stages: list[Stage], model: dict, seed: int):
-    # Each hash covers the stage's resolved config and the previous hash: changing a stage reruns
-    # it and every stage after it.
+    # Each hash covers the stage's resolved config, the stage module's VERSION (bumped when its
+    # output changes for the same config, e.g. the toy task's generator) and the previous hash:
+    # changing a stage reruns it and every stage after it.
     previous = _digest({"model": model, "seed": seed})
     for stage in stages:
         previous = stage.hash = _digest({"prev": previous, "type": stage.type, "options": stage.options,
-                                         "args": stage.args})
+                                         "args": stage.args, "version": getattr(stage.module, "VERSION", None)})
 
 
 def _digest(obj) -> str:

@@ -66,3 +66,15 @@ def test_killed_stage_resumes_from_checkpoint(tmp_path, tiny_model, data_dir):
     assert m["resumed_from_step"] >= 10 and m["global_step"] == 400
     assert json.loads((stage_dir / MARKER).read_text())["type"] == "sft"
     assert (tmp_path / "run" / "sft2" / MARKER).exists()
+
+
+def test_stage_version_change_reruns_it(tmp_path, monkeypatch):
+    """A stage module's VERSION is part of its hash: new generator code means new data."""
+    from align.recipe import build_recipe
+    from align.stages import task
+
+    raw = {"output_dir": str(tmp_path), "stages": {"task": {"n_sft": 10}, "init": {"dataset": {"path": "${task}/sft.jsonl"}}}}
+    before = [s.hash for s in build_recipe(raw).stages]
+    monkeypatch.setattr(task, "VERSION", task.VERSION + 1)
+    after = [s.hash for s in build_recipe(raw).stages]
+    assert before[0] != after[0] and before[1] != after[1]
