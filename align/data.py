@@ -21,6 +21,7 @@ Each may be standard (strings) or conversational (lists of {role, content}).
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from align.errors import AlignError
@@ -88,7 +89,7 @@ def _load_source(source: dict, where: str):
                 check_file(f)
             builder = FILE_BUILDERS[files[0].suffix.lower()]
             ds = datasets.load_dataset(builder, data_files=[str(f) for f in files], split=split)
-        elif _looks_local(path):
+        elif looks_local(path):
             raise AlignError(f"{where}.path: file '{path}' does not exist")
         else:
             ds = datasets.load_dataset(path, source.get("name"), split=split, data_files=source.get("data_files"))
@@ -104,7 +105,7 @@ def _load_source(source: dict, where: str):
     return ds
 
 
-def _looks_local(path: str) -> bool:
+def looks_local(path: str) -> bool:
     # A Hub id is "owner/name" or "name"; anything with an extension or several slashes is a path.
     return path.startswith((".", "/", "~")) or Path(path).suffix.lower() in FILE_BUILDERS or path.count("/") > 1
 
@@ -265,11 +266,6 @@ def _is_messages(value) -> bool:
     return isinstance(value, list) and bool(value) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value)
 
 
-def is_conversational(ds) -> bool:
-    row = ds[0]
-    return any(_is_messages(row[c]) for c in ds.column_names)
-
-
 def _weighted(ds, weight, where: str, seed: int):
     if not isinstance(weight, (int, float)) or isinstance(weight, bool) or weight <= 0:
         raise AlignError(f"{where}.weight: expected a positive number, got {weight!r}")
@@ -291,3 +287,18 @@ def texts_of(ds, limit: int | None = None):
             elif _is_messages(value):
                 for m in value:
                     yield m["content"]
+
+
+def write_jsonl_atomic(path: Path, rows):
+    """Write rows as JSON Lines through a temporary file next to `path`, then rename it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

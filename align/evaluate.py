@@ -74,7 +74,7 @@ def pair_accuracy(model, tokenizer, rows) -> dict:
 
 
 @torch.no_grad()
-def sequence_logprobs(model, pairs, pad_id) -> list[float]:
+def sequence_logprobs(model, pairs) -> list[float]:
     """Sum of log-probs of each completion given its prompt; `pairs` are (prompt_ids, completion_ids)."""
     out = []
     for prompt_ids, completion_ids in pairs:
@@ -129,8 +129,8 @@ def _kl_to_reference(model, tokenizer, ref_model, prompts, max_new_tokens, seed)
     the mean of log pi(y|x) - log ref(y|x)."""
     _, ids = infer.generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=1.0,
                             top_k=0, seed=seed, return_ids=True)
-    lp = sequence_logprobs(model, ids, tokenizer.pad_token_id)
-    lr = sequence_logprobs(ref_model, ids, tokenizer.pad_token_id)
+    lp = sequence_logprobs(model, ids)
+    lr = sequence_logprobs(ref_model, ids)
     return sum(a - b for a, b in zip(lp, lr)) / len(ids)
 
 
@@ -183,10 +183,3 @@ def read_rows(spec, kind: str, where: str, limit: int | None = None):
     if limit:
         ds = ds.select(range(min(limit, len(ds))))
     return [dict(r) for r in ds]
-
-
-def model_exists(path: str, where: str):
-    if (path.startswith((".", "/")) or path.count("/") > 1) and not Path(path).exists():
-        raise AlignError(f"{where}: '{path}' does not exist")
-    return path
-

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from align import models
+from align import data, models
 from align.errors import AlignError
 
 POLICY_TYPES = ("ppo", "rloo", "grpo", "dpo", "sft", "pretrain", "init")
@@ -43,7 +43,7 @@ def resolve_target(target: str) -> str:
         if not finished:
             raise AlignError(f"{target}: the run has no finished policy stage yet")
         return str(max(finished)[1])
-    if not path.exists() and (target.startswith((".", "/")) or target.count("/") > 1):
+    if not path.exists() and data.looks_local(target):
         raise AlignError(f"{target}: no such folder")
     return target
 
@@ -272,21 +272,6 @@ def chat_command(args):
 # align generate
 
 
-def write_jsonl_atomic(path: Path, rows):
-    """Write rows as JSON Lines through a temporary file next to `path`, then rename it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def generate_command(args):
     from align.evaluate import read_rows
 
@@ -304,7 +289,7 @@ def generate_command(args):
                                 max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                 top_p=args.top_p, top_k=args.top_k, batch_size=args.batch_size)
         print(f"generated {len(completions)}/{len(prompts)}", file=sys.stderr, flush=True)
-    write_jsonl_atomic(out, ({"prompt": p, "completion": c} for p, c in zip(prompts, completions)))
+    data.write_jsonl_atomic(out, ({"prompt": p, "completion": c} for p, c in zip(prompts, completions)))
     print(out)
 
 

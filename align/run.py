@@ -112,7 +112,7 @@ def _preflight(recipe: Recipe, todo):
                 continue
             sources = spec if isinstance(spec, list) else [spec]
             if all(isinstance(s, dict) and isinstance(s.get("path"), str) and not s["path"].startswith(produced)
-                   and (Path(s["path"]).exists() or data._looks_local(s["path"])) for s in sources):
+                   and (Path(s["path"]).exists() or data.looks_local(s["path"])) for s in sources):
                 data.load(spec, kind, f"stages.{stage.name}.{key}", recipe.seed)
 
 

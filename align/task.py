@@ -55,13 +55,14 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import math
 import random
 import re
 import string
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
+
+from align.data import write_jsonl_atomic
 
 __all__ = [
     "TaskConfig",
@@ -480,14 +481,6 @@ def build_task(config: TaskConfig | None = None) -> dict[str, list[dict]]:
     }
 
 
-def _write_jsonl(path: Path, rows: Iterable[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    tmp.replace(path)
-
-
 _DEFAULTS = TaskConfig()
 
 
@@ -520,6 +513,6 @@ def write_task(
     paths = {}
     for split, rows in build_task(config).items():
         path = out / FILE_NAMES[split]
-        _write_jsonl(path, rows)
+        write_jsonl_atomic(path, rows)
         paths[split] = path
     return paths

@@ -4,10 +4,12 @@ and reports held-out perplexity. Same fields as SFTConfig."""
 from align.stages import sft
 from align.stages.sft import OPTIONS, Config  # noqa: F401  (the stage's config class and options)
 
+DATA_KIND = "text"
+
 
 def validate(stage, model):
     sft.validate(stage, model)
 
 
 def run(stage, ctx):
-    return sft.run(stage, ctx, kind="text")
+    return sft.run(stage, ctx, kind=DATA_KIND)
