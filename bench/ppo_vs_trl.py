@@ -15,6 +15,9 @@
        lora    align's PPO stage, shared-base layout (`peft: {r: 16, lora_alpha: 32}`, the
                stage docs' example); the reward model is a SEQ_CLS LoRA adapter on the same
                base (what align's reward stage with `peft:` writes), so one base serves all roles
+       lora_vhp  the same with `value_head_on_policy: true`: the critic is a value head on the
+               policy adapter's hidden states (TRL 0.x's AutoModelForCausalLMWithValueHead
+               design), so one pass per micro-batch serves policy and critic
        full    align's PPO stage, separate layout (no `peft:`), the same full reward model as TRL
    Each is its own subprocess; a step's time is measured between the ends of consecutive
    steps (the same way in both), the first step (warm-up) is dropped and the median is taken,
@@ -376,9 +379,12 @@ def main():
             print(trl_note, flush=True)
     speed["lora"] = run_child(Path(sys.executable), "align", spec("align-lora", small, "reward_lora", ppo, lora),
                               work, env)
+    speed["lora_vhp"] = run_child(Path(sys.executable), "align", spec("align-lora-vhp", small, "reward_lora",
+                                                                      {**ppo, "value_head_on_policy": True}, lora),
+                                  work, env)
     speed["full"] = run_child(Path(sys.executable), "align", spec("align-full", small, "reward_full", ppo), work, env)
     labels = {"trl": "TRL 1.12 PPOTrainer (4 full models)", "lora": "align PPO, shared-base LoRA",
-              "full": "align PPO, separate full models"}
+              "lora_vhp": "align PPO, LoRA, value_head_on_policy", "full": "align PPO, separate full models"}
     for key, r in speed.items():
         extra = (f"mean response length {r['response_length']:.1f}, optimizer steps {r['optimizer_steps']}"
                  if "response_length" in r else f"EOS tokens per step {r['eos_per_step']}")
@@ -404,7 +410,7 @@ def main():
 
     print()
     if "trl" in speed:
-        for key in ("lora", "full"):
+        for key in ("lora", "lora_vhp", "full"):
             wall = speed[key]["step_wall"] / speed["trl"]["step_wall"]
             cpu = speed[key]["step_cpu"] / speed["trl"]["step_cpu"]
             print(f"ppo_step_time_ratio ({labels[key]} / TRL 1.12): wall {wall:.2f}  cpu {cpu:.2f}  (goal <= 0.5)")

@@ -16,6 +16,9 @@ from torch import nn
 
 from align import models
 from align.errors import AlignError
+from align.ppo import core
+from align.ppo.roles import backbone
+from align.ppo.trainer import position_ids_from
 from align.recipe import build_recipe
 from conftest import REPO, read_metrics, run_align, write_recipe
 
@@ -204,3 +207,57 @@ def test_ppo_reward_score_matches_the_reward_model_as_evaluated(tmp_path, tiny_m
     rm = models.load_model(str(reward), kind="seq-cls", dtype="float32").eval()
     expected = evaluate.reward_scores(rm, models.load_tokenizer(str(reward)), prompts, completions)
     assert torch.allclose(ppo_scores.cpu(), torch.tensor(expected), atol=1e-4), (ppo_scores, expected)
+
+
+@pytest.mark.parametrize("lora", [True, False], ids=["shared", "separate"])
+def test_value_head_on_policy_one_pass_learns_and_saves_a_critic(tmp_path, tiny_model, data_dir, lora):
+    """value_head_on_policy: no critic network; one pass of the policy gives logits and values
+    (those of the value head on the LM head's input), PPO still takes exactly its optimizer
+    steps from ratio 1, the critic learns, and it saves as a loadable classifier. With full
+    fine-tuning the reward rises (LoRA cannot move this random-init model's outputs much)."""
+    block = {"dataset": {"path": str(data_dir / "prompts.jsonl")}, **FAST, "per_device_train_batch_size": 16,
+             "num_ppo_epochs": 4, "num_train_steps": 8 if lora else 16, "learning_rate": 1e-2 if lora else 3e-3,
+             "reward_funcs": "tests.rewards:letter_a", "value_head_on_policy": True, "save_steps": 0,
+             **({"peft": {"r": 8, "lora_alpha": 16, "target_modules": "all-linear"}} if lora else {})}
+    trainer, stage = _build(tmp_path, tiny_model, block)
+    ac = trainer.roles.actor_critic
+    assert ac.critic is None and ac.on_policy
+    if lora:
+        assert set(ac.policy.peft_config) == {"default"}
+    _, critic_params = ac.param_groups()
+    assert critic_params == [ac.value_head.weight]
+
+    # One pass through the transformer body per forward, and its values are the value head
+    # applied to exactly the hidden states the LM head read.
+    body = backbone(ac.policy)
+    calls = []
+    hook = body.register_forward_hook(lambda m, a, out: calls.append(out.last_hidden_state))
+    with torch.no_grad():
+        ac.value_head.weight.normal_()
+        ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+        mask = torch.ones_like(ids)
+        logits, values = ac(ids, mask, position_ids_from(mask), 3)
+    hook.remove()
+    assert len(calls) == 1 and logits.shape[:2] == values.shape == (1, 3)
+    expected = ac.value_head(calls[0][:, -4:-1].float()).squeeze(-1)
+    assert torch.allclose(values, expected, atol=1e-6)
+    with torch.no_grad():
+        ac.value_head.weight.zero_()
+
+    metrics = trainer.train()
+    trainer.save(stage.dir)
+    log = [json.loads(line) for line in (stage.dir / "log_history.jsonl").read_text().splitlines()]
+    for record in log:
+        assert abs(record["first_minibatch_ratio"] - 1.0) < 1e-5, record
+        assert record["optimizer_steps"] == 4 * FAST["num_mini_batches"], record
+    assert ac.value_head.weight.abs().sum() > 0  # the value loss reached the head
+    if not lora:
+        assert metrics["reward_mean"] > metrics["reward_first"] + 0.1, metrics
+        # The critic learned: on a fresh rollout it predicts the returns better than the zero it started as.
+        batch = trainer.rollout(trainer.prompts_for_step(0))
+        error = core.masked_mean((batch.values - batch.returns) ** 2, batch.mask)
+        assert error < 0.5 * core.masked_mean(batch.returns ** 2, batch.mask), error
+
+    critic = models.load_model(str(stage.dir / "critic"), kind="seq-cls", dtype="float32")
+    assert torch.equal(critic.score.weight.float(), ac.value_head.weight.detach().cpu())
+    assert not (stage.dir / "critic" / "adapter_model.safetensors").exists() or lora

@@ -116,6 +116,12 @@ class PPOConfig:
     """Value clip around the rollout values [Ziegler19, TRL: 0.2]; None disables it."""
     vf_coef: float = 0.1
     """Value-loss weight [Ziegler19, TRL: 0.1]."""
+    value_head_on_policy: bool = False
+    """Make the critic a value head on the policy's own last hidden states (the design of
+    TRL 0.x's AutoModelForCausalLMWithValueHead and of [Ziegler19]'s code) instead of a
+    separate critic network or adapter: one forward/backward pass per micro-batch serves
+    both, roughly halving the update's compute, and no critic weights or optimizer state
+    are held. The value loss (x vf_coef) then also trains the policy's weights."""
 
     # ------------------------------------------------------------------ engineering
     gradient_checkpointing: bool = False

@@ -30,6 +30,14 @@ Shared layout (LoRA / QLoRA: a `peft:` block)
     Memory: the base once (2 P bytes in bf16, about 0.5 P in 4-bit) + three or four small
     adapters + Adam for the two trainable ones (16 bytes per adapter parameter).
 
+Value head on the policy (`value_head_on_policy: true`, either layout)
+    critic     no network of its own: a float32 value head (hidden -> 1, zero-initialised)
+               reads the hidden states the policy's LM head reads, so one forward/backward
+               pass gives logits and values (TRL 0.x's AutoModelForCausalLMWithValueHead).
+               Saves the critic's weights and Adam state (separate layout: 28 P bytes
+               instead of 40 P) and half the update's compute; the value loss then also
+               shapes the policy's weights, which is why it is not the default.
+
 In the shared layout `AdapterSwitch.use(role)` activates the role's adapters before each
 forward pass. peft's `set_adapter` also flips `requires_grad`, which would silently drop the
 other trainable adapter from the graph (and confuse DDP), so the switch restores the
@@ -164,15 +172,20 @@ class ActorCritic(nn.Module):
     `forward(input_ids, attention_mask, position_ids, n)` returns the policy logits that
     predict the last `n` tokens, shape (B, n, V), and the critic's values at the states
     before each of them, shape (B, n) float32.
+
+    The critic is a separate sequence classifier (`critic`), an adapter on the shared base
+    read by `value_head`, or, with `on_policy=True`, `value_head` reading the policy's own
+    last hidden states (the input of its LM head): then one pass gives both outputs.
     """
 
     def __init__(self, policy: nn.Module, critic: nn.Module | None = None, value_head: nn.Linear | None = None,
-                 switch: AdapterSwitch | None = None):
+                 switch: AdapterSwitch | None = None, on_policy: bool = False):
         super().__init__()
         self.policy = policy  # causal LM, or the shared PeftModel holding every adapter
         self.critic = critic  # separate layout: a sequence classifier
-        self.value_head = value_head  # shared layout: hidden -> 1
+        self.value_head = value_head  # shared layout or on_policy: hidden -> 1
         self.switch = switch or _NoSwitch()
+        self.on_policy = on_policy
         self.trainable_names: list[str] = []
 
     @property
@@ -180,13 +193,30 @@ class ActorCritic(nn.Module):
         return self.critic is None
 
     def forward(self, input_ids, attention_mask, position_ids, n: int):
+        if self.on_policy:
+            logits, hidden = self.policy_logits(input_ids, attention_mask, position_ids, n, with_hidden=True)
+            return logits, self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()
         return (self.policy_logits(input_ids, attention_mask, position_ids, n),
                 self.values(input_ids, attention_mask, position_ids, n))
 
-    def policy_logits(self, input_ids, attention_mask, position_ids, n: int):
+    def policy_logits(self, input_ids, attention_mask, position_ids, n: int, with_hidden: bool = False):
+        """Logits (B, n, V); with `with_hidden`, also the hidden states the LM head read for
+        them, (B, n, H). A hook on the LM head catches its input, so whatever the model does
+        before its head (final norm, logit scaling or soft-capping after it) stays its own."""
         self.switch.use("policy")
-        out = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                          use_cache=False, logits_to_keep=n + 1)
+        seen = []
+        hook = None
+        if with_hidden:
+            lm = self.policy.get_base_model() if hasattr(self.policy, "get_base_model") else self.policy
+            hook = lm.get_output_embeddings().register_forward_hook(lambda _m, args, _out: seen.append(args[0]))
+        try:
+            out = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                              use_cache=False, logits_to_keep=n + 1)
+        finally:
+            if hook is not None:
+                hook.remove()
+        if with_hidden:
+            return out.logits[:, :-1], seen[-1][:, :-1]
         return out.logits[:, :-1]
 
     def values(self, input_ids, attention_mask, position_ids, n: int):
@@ -336,20 +366,25 @@ class Roles:
             return
         ac = self.actor_critic
         directory.mkdir(parents=True, exist_ok=True)
-        if self.layout == "separate":
+        if self.layout == "separate" and not ac.on_policy:
             ac.critic.save_pretrained(str(directory), safe_serialization=True)
+            return
+        if self.layout == "separate":  # the policy's body under the value head, sharing its tensors
+            _classifier_on(ac.policy, ac.value_head.weight).save_pretrained(str(directory), safe_serialization=True)
             return
         from peft import get_peft_model_state_dict
         from safetensors.torch import save_file
 
-        config = copy.deepcopy(ac.policy.peft_config[CRITIC])
+        adapter = POLICY if ac.on_policy else CRITIC
+        config = copy.deepcopy(ac.policy.peft_config[adapter])
         config.task_type = "SEQ_CLS"
-        config.modules_to_save = ["score"]
+        # The LM head (if the policy adapter trains it) has no place in a classifier.
+        config.modules_to_save = [m for m in config.modules_to_save or [] if m != "lm_head"] + ["score"]
         config.inference_mode = True
         config.base_model_name_or_path = self.base_path
         config.save_pretrained(str(directory))
-        state = get_peft_model_state_dict(ac.policy, adapter_name=CRITIC)
-        state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+        state = get_peft_model_state_dict(ac.policy, adapter_name=adapter)
+        state = {k: v.detach().cpu().contiguous() for k, v in state.items() if ".lm_head." not in k}
         state["base_model.model.score.weight"] = ac.value_head.weight.detach().cpu().contiguous()
         save_file(state, str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
 
@@ -363,6 +398,7 @@ class LoadOptions:
     quantization: dict | None = None
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False
+    value_head_on_policy: bool = False  # the critic is a value head on the policy (no critic network)
 
 
 def load_roles(*, policy_path: str, tokenizer, reward_path: str | None, value_path: str | None,
@@ -372,6 +408,8 @@ def load_roles(*, policy_path: str, tokenizer, reward_path: str | None, value_pa
     same_vocab = reward_tok is None or reward_tok.get_vocab() == tokenizer.get_vocab()
     # The critic reads the policy's tokens, so it can only start from a model with its vocabulary.
     critic_source = value_path or (reward_path if same_vocab else None)
+    if options.value_head_on_policy:
+        critic_source = None
     if value_path and models.load_tokenizer(value_path, trust_remote_code=options.trust_remote_code).get_vocab() \
             != tokenizer.get_vocab():
         raise AlignError(f"value_model: '{value_path}' has a different tokenizer from the policy's; the critic "
@@ -383,7 +421,7 @@ def load_roles(*, policy_path: str, tokenizer, reward_path: str | None, value_pa
     if not same_vocab:
         roles.reward_tokenizer = reward_tok
         roles.description.append("reward tokenizer differs from the policy's: responses are decoded and re-tokenized "
-                                 "for it, and the critic starts from the policy")
+                                 "for it" + ("" if options.value_head_on_policy else ", and the critic starts from the policy"))
     for module in [roles.actor_critic, *roles.frozen_modules()]:
         disable_dropout(module)
     for module in roles.frozen_modules():
@@ -423,31 +461,49 @@ def _gradient_checkpointing(model):
         model.config.use_cache = False
 
 
+def _classifier_on(causal: nn.Module, score_weight: torch.Tensor | None = None) -> nn.Module:
+    """A one-logit sequence classifier whose body IS `causal`'s body (tensors shared, not
+    copied); its score head gets `score_weight` when given."""
+    from transformers import AutoModelForSequenceClassification
+
+    config = copy.deepcopy(causal.config)
+    config.num_labels, config.architectures = 1, None
+    with torch.device("meta"):
+        classifier = AutoModelForSequenceClassification.from_config(config, dtype=causal.dtype)
+    body = backbone(causal)
+    classifier.base_model.load_state_dict(body.state_dict(), assign=True)
+    for name, buffer in body.named_buffers():  # non-persistent ones (rotary tables) too
+        module, _, attr = name.rpartition(".")
+        setattr(classifier.base_model.get_submodule(module), attr, buffer)
+    head = score_head(classifier)
+    weight = score_weight if score_weight is not None else torch.zeros(head.weight.shape)
+    head.weight = nn.Parameter(weight.detach().to(causal.dtype), requires_grad=False)
+    return classifier
+
+
 def _load_classifier(path, tokenizer, options):
     """A one-logit sequence classifier from `path`. A causal-LM adapter (an SFT LoRA output)
     is merged as a causal LM first and its body moved under a new score head (peft cannot
     load a CAUSAL_LM adapter onto a classification model)."""
     if _is_classifier_checkpoint(path) or not models.is_adapter(path):
         return _load_lm(path, tokenizer, options, kind="seq-cls")
-    from transformers import AutoModelForSequenceClassification
-
-    causal = _load_lm(path, tokenizer, options)
-    config = copy.deepcopy(causal.config)
-    config.num_labels, config.architectures = 1, None
-    classifier = AutoModelForSequenceClassification.from_config(config, dtype=causal.dtype)
-    classifier.base_model.load_state_dict(backbone(causal).state_dict())
-    return classifier
+    return _classifier_on(_load_lm(path, tokenizer, options))
 
 
 def _load_separate(policy_path, tokenizer, reward_path, reward_tok, critic_source, options) -> Roles:
     policy = _load_lm(policy_path, tokenizer, options)
     ref = _load_lm(policy_path, tokenizer, options)
-    critic_path = critic_source or policy_path
-    critic = _load_classifier(critic_path, tokenizer, options)
     description = [f"layout: separate (full fine-tuning): policy and reference from {policy_path}"]
-    if _is_classifier_checkpoint(critic_path):
+    critic, value_head = None, None
+    critic_path = critic_source or policy_path
+    if options.value_head_on_policy:
+        value_head = _zero_value_head(policy)
+        description.append("critic: a value head on the policy's last hidden states (value_head_on_policy)")
+    elif _is_classifier_checkpoint(critic_path):
+        critic = _load_classifier(critic_path, tokenizer, options)
         description.append(f"critic: sequence classifier from {critic_path}")
     else:
+        critic = _load_classifier(critic_path, tokenizer, options)
         with torch.no_grad():
             score_head(critic).weight.zero_()  # a fresh head: predict 0 until it has learned
         description.append(f"critic: {critic_path} with a new (zero) value head")
@@ -457,12 +513,25 @@ def _load_separate(policy_path, tokenizer, reward_path, reward_tok, critic_sourc
         description.append(f"reward: sequence classifier from {reward_path}")
     # A merged adapter comes back frozen (peft loads adapters for inference); train it all.
     policy.requires_grad_(True)
-    critic.requires_grad_(True)
+    for module in (critic, value_head):
+        if module is not None:
+            module.requires_grad_(True)
     if options.gradient_checkpointing:
-        _gradient_checkpointing(policy)
-        _gradient_checkpointing(critic)
-    return Roles(ActorCritic(policy, critic=critic), "separate", ref_model=ref, reward_model=reward,
-                 description=description)
+        for module in (policy, critic):
+            if module is not None:
+                _gradient_checkpointing(module)
+    actor_critic = ActorCritic(policy, critic=critic, value_head=value_head, on_policy=options.value_head_on_policy)
+    return Roles(actor_critic, "separate", ref_model=ref, reward_model=reward, description=description)
+
+
+def _zero_value_head(model) -> nn.Linear:
+    """hidden -> 1, float32, zero: the critic predicts 0 until it has learned (a reward
+    model's score head would read features of a different network)."""
+    hidden = model.get_base_model().config.get_text_config().hidden_size if hasattr(model, "get_base_model") \
+        else model.config.get_text_config().hidden_size
+    head = nn.Linear(hidden, 1, bias=False, dtype=torch.float32)
+    nn.init.zeros_(head.weight)
+    return head
 
 
 def _shareable(adapter_path: str | None, base_path: str, policy_path: str, policy_is_adapter: bool):
@@ -574,11 +643,28 @@ def _load_shared(policy_path, tokenizer, reward_path, reward_tok, critic_source,
     # Critic: start from the value/reward adapter when it shares the base, else a fresh adapter.
     # Only an adapter sitting directly on the base is copied: a stacked critic could not be
     # saved as one adapter that loads on its own.
+    if options.value_head_on_policy:
+        value_head = _zero_value_head(model)
+        description.append(f"critic: a value head on the hidden states of the policy adapter '{POLICY}' "
+                           f"(value_head_on_policy)")
+    else:
+        value_head = _critic_adapter(model, stacks, critic_source, base_path, policy_path, policy_is_adapter,
+                                     reward_model, reward_path, peft_config, description)
+    # make sure the trainable adapters (and only they) train
+    for name, param in model.named_parameters():
+        param.requires_grad_(adapter_name_of(name) in TRAINABLE_ADAPTERS)
+    switch = AdapterSwitch(model, stacks)
+    actor_critic = ActorCritic(model, value_head=value_head, switch=switch, on_policy=options.value_head_on_policy)
+    return Roles(actor_critic, "shared", reward_model=reward_model, reward_head=reward_head, base_path=base_path,
+                 description=description)
+
+
+def _critic_adapter(model, stacks, critic_source, base_path, policy_path, policy_is_adapter, reward_model,
+                    reward_path, peft_config, description) -> nn.Linear:
+    """Add the trainable 'critic' adapter; return its value head."""
     critic_stack = _shareable(critic_source, base_path, policy_path, policy_is_adapter)
     critic_stack = critic_stack if critic_stack == [] else None
-    hidden = model.get_base_model().config.get_text_config().hidden_size
-    value_head = nn.Linear(hidden, 1, bias=False, dtype=torch.float32)
-    nn.init.zeros_(value_head.weight)
+    value_head = _zero_value_head(model)
     if critic_stack is not None:
         weight = _add_adapter_from(model, critic_source, CRITIC, trainable=True)
         stacks["critic"] = critic_stack + [CRITIC]
@@ -590,19 +676,13 @@ def _load_shared(policy_path, tokenizer, reward_path, reward_tok, critic_source,
             weight = score_head(reward_model).weight.detach()
         stacks["critic"] = [CRITIC]
         description.append(f"critic: new LoRA adapter '{CRITIC}'")
-    if weight is not None and tuple(weight.shape) == (1, hidden):
+    if weight is not None and tuple(weight.shape) == tuple(value_head.weight.shape):
         with torch.no_grad():
             value_head.weight.copy_(weight.float())
         description.append(f"value head: copied from the score head of {critic_source}")
     else:
         description.append("value head: new, zero-initialised")
-    # make sure the trainable adapters (and only they) train
-    for name, param in model.named_parameters():
-        param.requires_grad_(adapter_name_of(name) in TRAINABLE_ADAPTERS)
-    switch = AdapterSwitch(model, stacks)
-    actor_critic = ActorCritic(model, value_head=value_head, switch=switch)
-    return Roles(actor_critic, "shared", reward_model=reward_model, reward_head=reward_head, base_path=base_path,
-                 description=description)
+    return value_head
 
 
 def _critic_config(peft_config):

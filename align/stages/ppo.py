@@ -7,6 +7,7 @@
       reward_funcs: align.task:judge_reward  # and/or Python functions (TRL's signature)
       reward_weights: [1.0, 0.5]             # reward_model first, then reward_funcs in order
       value_model: ${reward}                 # what the critic starts from (default: reward_model)
+      value_head_on_policy: false            # true: the critic is a head on the policy (one pass)
       peft: {r: 16, lora_alpha: 32}          # LoRA: one base model serves every role
       learning_rate: 1.0e-5                  # any PPOConfig field (align/ppo/config.py)
 
@@ -43,6 +44,9 @@ def validate(stage, model):
         raise AlignError(f"{where}.peft.method: PPO shares one base model between its roles through LoRA "
                          f"adapters; use method: lora (got {peft['method']})")
     specs = reward_func_specs(stage)
+    if stage.options.get("value_model") and stage.args.get("value_head_on_policy"):
+        raise AlignError(f"{where}.value_model: with value_head_on_policy: true the critic is a head on the policy; "
+                         f"remove value_model or set value_head_on_policy: false")
     for key in ("reward_model", "value_model", "model"):
         value = stage.options.get(key)
         if value is not None and (not isinstance(value, str) or not value):
@@ -132,7 +136,8 @@ def build_trainer(stage, ctx):
         policy_path=policy_path, tokenizer=tokenizer, reward_path=stage.options.get("reward_model"),
         value_path=stage.options.get("value_model"), peft_config=lora,
         options=LoadOptions(dtype=ctx.model.get("dtype", "auto"), quantization=stage.options.get("quantization"),
-                            trust_remote_code=trust, gradient_checkpointing=config.gradient_checkpointing))
+                            trust_remote_code=trust, gradient_checkpointing=config.gradient_checkpointing,
+                            value_head_on_policy=config.value_head_on_policy))
     for line in roles.description:
         ctx.log(f"[{stage.name}] {line}")
     return PPOTrainer(config, roles, tokenizer, train, output_dir=stage.dir, reward_funcs=funcs,
