@@ -261,3 +261,29 @@ def test_value_head_on_policy_one_pass_learns_and_saves_a_critic(tmp_path, tiny_
     critic = models.load_model(str(stage.dir / "critic"), kind="seq-cls", dtype="float32")
     assert torch.equal(critic.score.weight.float(), ac.value_head.weight.detach().cpu())
     assert not (stage.dir / "critic" / "adapter_model.safetensors").exists() or lora
+
+
+def test_gradient_checkpointing_keeps_each_adapters_gradients(tmp_path, tiny_model, data_dir):
+    """Checkpointing recomputes layers in the backward pass; on the shared base the critic's
+    layers must be recomputed under the critic's adapter, not whichever adapter ran last, so
+    the gradients equal those without checkpointing."""
+    def gradients(checkpointing: bool) -> dict:
+        block = {"dataset": {"path": str(data_dir / "prompts.jsonl")}, **FAST, "reward_funcs": "tests.rewards:letter_a",
+                 "peft": {"r": 4, "target_modules": "all-linear"}, "gradient_checkpointing": checkpointing}
+        trainer, _ = _build(tmp_path / str(checkpointing), tiny_model, block)
+        ac = trainer.roles.actor_critic
+        torch.manual_seed(0)
+        with torch.no_grad():
+            for p in ac.parameters():
+                if p.requires_grad:
+                    p.normal_(0, 0.05)  # non-zero adapters and head, so every gradient is non-trivial
+        ids = torch.randint(5, 60, (2, 10))
+        mask = torch.ones_like(ids)
+        logits, values = trainer.model(ids, mask, position_ids_from(mask), 4)
+        (logits.float().logsumexp(-1).sum() + values.sum()).backward()
+        return {n: p.grad.clone() for n, p in ac.named_parameters() if p.grad is not None}
+
+    plain, checkpointed = gradients(False), gradients(True)
+    assert plain.keys() == checkpointed.keys() and any(".critic." in n for n in plain)
+    for name in plain:
+        assert torch.allclose(plain[name], checkpointed[name], atol=1e-6, rtol=1e-4), name

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from contextlib import nullcontext
 import json
 import os
 import re
@@ -142,6 +143,16 @@ class AdapterSwitch:
         """Record the current requires_grad of every parameter as the one to keep."""
         self._flags = [(p, p.requires_grad) for p in self.model.parameters()]
 
+    def recompute_context(self):
+        """`context_fn` for torch's non-reentrant checkpointing. The backward pass recomputes
+        each checkpointed layer; LoRA layers read the active adapter at call time, so the
+        recomputation must run under the role that ran the forward (else the critic's
+        gradients would be computed through the policy's adapter). The role is left active
+        afterwards: every entry point selects its role anyway, and a backward pass then
+        switches once per role, not once per layer."""
+        role = self.current
+        return nullcontext(), _Use(self, role)
+
     def use(self, role: str):
         if role == self.current:
             return
@@ -156,6 +167,17 @@ class AdapterSwitch:
             if p.requires_grad != flag:
                 p.requires_grad_(flag)
         self.current = role
+
+
+class _Use:
+    def __init__(self, switch: AdapterSwitch, role: str):
+        self.switch, self.role = switch, role
+
+    def __enter__(self):
+        self.switch.use(self.role)
+
+    def __exit__(self, *exc):
+        return False
 
 
 class _NoSwitch:
@@ -455,8 +477,9 @@ def _is_classifier_checkpoint(path: str) -> bool:
         return False
 
 
-def _gradient_checkpointing(model):
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+def _gradient_checkpointing(model, context_fn=None):
+    kwargs = {"use_reentrant": False, **({"context_fn": context_fn} if context_fn else {})}
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     if hasattr(model, "config"):
         model.config.use_cache = False
 
@@ -605,8 +628,6 @@ def _load_shared(policy_path, tokenizer, reward_path, reward_tok, critic_source,
     base = _load_lm(base_path, tokenizer, options, quantize=True)
     if getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False):
         base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=options.gradient_checkpointing)
-    elif options.gradient_checkpointing:
-        _gradient_checkpointing(base)
 
     description = [f"layout: shared (LoRA): one base model from {base_path}"]
     if policy_is_adapter:
@@ -654,6 +675,8 @@ def _load_shared(policy_path, tokenizer, reward_path, reward_tok, critic_source,
     for name, param in model.named_parameters():
         param.requires_grad_(adapter_name_of(name) in TRAINABLE_ADAPTERS)
     switch = AdapterSwitch(model, stacks)
+    if options.gradient_checkpointing:
+        _gradient_checkpointing(model.get_base_model(), context_fn=switch.recompute_context)
     actor_critic = ActorCritic(model, value_head=value_head, switch=switch, on_policy=options.value_head_on_policy)
     return Roles(actor_critic, "shared", reward_model=reward_model, reward_head=reward_head, base_path=base_path,
                  description=description)
