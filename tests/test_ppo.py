@@ -287,3 +287,29 @@ def test_gradient_checkpointing_keeps_each_adapters_gradients(tmp_path, tiny_mod
     assert plain.keys() == checkpointed.keys() and any(".critic." in n for n in plain)
     for name in plain:
         assert torch.allclose(plain[name], checkpointed[name], atol=1e-6, rtol=1e-4), name
+
+
+def test_first_update_step_reuses_the_rollout_forward_pass(tmp_path, tiny_model, data_dir):
+    """With one minibatch of one micro-batch, the rollout's policy/critic pass (run with
+    gradients) is the first optimizer step's forward pass: one pass fewer per step, and the
+    same weights afterwards as recomputing it (forced here by chunking the rollout)."""
+    def one_step(chunk):
+        block = {"dataset": {"path": str(data_dir / "prompts.jsonl")}, **FAST, "num_mini_batches": 1,
+                 "gradient_accumulation_steps": 1, "num_train_steps": 1, "learning_rate": 1e-3, "save_steps": 0,
+                 "reward_funcs": "tests.rewards:letter_a", "rollout_forward_batch_size": chunk,
+                 "peft": {"r": 4, "target_modules": "all-linear"}}
+        trainer, _ = _build(tmp_path / str(chunk), tiny_model, block)
+        calls = []
+        trainer.unwrapped.register_forward_hook(lambda *a: calls.append(1))
+        trainer.train()
+        log = json.loads((trainer.output_dir / "log_history.jsonl").read_text().splitlines()[0])
+        return trainer.unwrapped.trainable_state_dict(), len(calls), log
+
+    reused, passes, log = one_step(None)
+    recomputed, passes_recomputed, _ = one_step(4)
+    epochs = FAST["num_ppo_epochs"]
+    assert passes == epochs and passes_recomputed == 2 + epochs  # rollout (1 or 2 chunks) + update
+    assert log["first_minibatch_ratio"] == 1.0 and log["optimizer_steps"] == epochs
+    assert any(v.abs().sum() > 0 for n, v in reused.items() if "lora_B" in n)  # the step moved the adapter
+    for name, value in reused.items():
+        assert torch.allclose(value, recomputed[name], atol=1e-5), name

@@ -72,6 +72,7 @@ class Rollout:
     advantages: torch.Tensor
     returns: torch.Tensor
     entropy: torch.Tensor  # (B, T)
+    first_pass: tuple[torch.Tensor, torch.Tensor] | None = None  # (log-probs, values) with their graph
 
 
 def position_ids_from(mask: torch.Tensor) -> torch.Tensor:
@@ -347,11 +348,23 @@ class PPOTrainer:
         position_ids = position_ids_from(attention_mask)
         T = response.shape[1]
 
+        # With one minibatch of one micro-batch, the update's first forward pass would see this
+        # whole batch under these very weights: run it here with gradients and let the update
+        # reuse it (one policy + critic pass saved per step; ratio 1 by construction).
+        reuse = cfg.num_mini_batches == 1 and cfg.gradient_accumulation_steps == 1 and \
+            len(self._chunks(len(prompts))) == 1
+        first_pass = None
         logprobs, ref_logprobs, values, entropy = [], [], [], []
         for s in self._chunks(len(prompts)):
             args = (input_ids[s], attention_mask[s], position_ids[s], T)
             with self.accelerator.autocast():
-                logits, v = self.unwrapped(*args)
+                if reuse:
+                    with torch.enable_grad():
+                        logits, v = self.model(*args)
+                        first_pass = (core.logprobs_from_logits(logits, response[s], cfg.temperature), v)
+                    logits, v = logits.detach(), v.detach()
+                else:
+                    logits, v = self.unwrapped(*args)
                 ref_logits = self.roles.ref_logits(*args)
             logprobs.append(core.logprobs_from_logits(logits, response[s], cfg.temperature))
             entropy.append(torch.cat([core.entropy_from_logits(row.unsqueeze(0).float() / cfg.temperature)
@@ -373,7 +386,7 @@ class PPOTrainer:
             advantages = core.masked_whiten(advantages, mask, all_reduce=self._sum_all)
         return Rollout(prompts, completions, input_ids, attention_mask, position_ids, response, mask, has_stop,
                        logprobs, ref_logprobs, values, scores, raw_scores, per_source, rewards, kl, advantages,
-                       returns, entropy)
+                       returns, entropy, first_pass)
 
     # ------------------------------------------------------------------ PPO update
 
@@ -385,6 +398,7 @@ class PPOTrainer:
         micro = mb // cfg.gradient_accumulation_steps
         self.minibatch_stats = []
         steps_before = self.optimizer_steps
+        first_pass, batch.first_pass = batch.first_pass, None
         grad_norms = []
         for epoch in range(cfg.num_ppo_epochs):
             order = torch.randperm(B).to(self.device)
@@ -395,7 +409,8 @@ class PPOTrainer:
                     idx = rows[k * micro:(k + 1) * micro]
                     last = k == cfg.gradient_accumulation_steps - 1
                     with nullcontext() if last else self.accelerator.no_sync(self.model):
-                        loss, stats = self._micro_batch_loss(batch, idx, T)
+                        loss, stats = self._micro_batch_loss(batch, idx, T, first_pass)
+                        first_pass = None
                         self.accelerator.backward(loss / cfg.gradient_accumulation_steps)
                     for key, value in stats.items():
                         totals[key] = totals.get(key, 0.0) + value / cfg.gradient_accumulation_steps
@@ -418,11 +433,14 @@ class PPOTrainer:
             "optimizer_steps": self.optimizer_steps - steps_before,
         }
 
-    def _micro_batch_loss(self, batch: Rollout, idx: torch.Tensor, T: int):
+    def _micro_batch_loss(self, batch: Rollout, idx: torch.Tensor, T: int, first_pass=None):
         cfg = self.config
-        logits, values = self.model(batch.input_ids[idx], batch.attention_mask[idx], batch.position_ids[idx], T)
-        logprobs = core.logprobs_from_logits(logits, batch.response[idx], cfg.temperature)
-        del logits
+        if first_pass is not None:  # the rollout's own forward pass over the whole batch
+            logprobs, values = first_pass[0][idx], first_pass[1][idx]
+        else:
+            logits, values = self.model(batch.input_ids[idx], batch.attention_mask[idx], batch.position_ids[idx], T)
+            logprobs = core.logprobs_from_logits(logits, batch.response[idx], cfg.temperature)
+            del logits
         mask = batch.mask[idx]
         pg_loss, pg_stats = core.policy_loss(logprobs, batch.logprobs[idx], batch.advantages[idx], mask, cfg.cliprange)
         vf_loss, vf_stats = core.value_loss(values, batch.values[idx], batch.returns[idx], mask, cfg.cliprange_value)
