@@ -699,6 +699,7 @@ def estimate_ppo_memory(
     attention: str = "sdpa",
     double_quant: bool = True,
     reward_config=None,
+    value_head_on_policy: bool = False,
 ) -> dict[str, Any]:
     """Per-device memory of a PPO run: policy, reference, critic and reward model.
 
@@ -713,6 +714,10 @@ def estimate_ppo_memory(
     the reward adapter + its head (frozen, 4 bytes/param). The reference model is the base
     with adapters disabled: no extra weights. A ``reward_config`` differing from ``config``
     makes the reward model a separate frozen model in ``dtype``.
+
+    ``value_head_on_policy``: no critic network; the critic is an fp32 value head on the
+    policy's hidden states (weights, gradient and Adam state of ``h`` parameters) and needs
+    no activations or scoring pass of its own.
 
     Sequences are ``prompt_len + response_len`` tokens, ``batch_size`` of them per device.
     The phases run one after another, so only the largest transient counts:
@@ -752,6 +757,12 @@ def estimate_ppo_memory(
     }
     # Scoring with the critic is a no-grad forward too.
     critic_scoring = estimate_memory(rcfg, method=method, role="frozen", head="value", **common)
+    if value_head_on_policy:
+        head = value_head_parameters(config)
+        roles["critic"] = {"params": head, "trainable_params": head, "weights": head * ADAPTER_BYTES,
+                           "gradients": head * ADAPTER_BYTES, "optimizer": 2 * head * ADAPTER_BYTES,
+                           "activations": 0}
+        critic_scoring = {"activations": 0}
 
     vh = value_head_parameters(rcfg)
     if method == "full":
@@ -759,12 +770,13 @@ def estimate_ppo_memory(
         params = sum(roles[k]["params"] for k in ("policy", "reference", "critic", "reward"))
     else:
         # One base, held by the policy estimate (base + policy adapter); add the critic
-        # adapter + head and the reward adapter + head (or a separate reward model).
+        # adapter + head (or the bare head) and the reward adapter + head (or a separate reward model).
         adapter = lora_parameters(config, r, target_modules)
-        weights = roles["policy"]["weights"]
-        params = roles["policy"]["params"]
-        weights += (lora_parameters(rcfg, r, target_modules) + vh) * ADAPTER_BYTES
-        params += lora_parameters(rcfg, r, target_modules) + vh
+        weights = roles["policy"]["weights"] + roles["critic"]["weights"] * value_head_on_policy
+        params = roles["policy"]["params"] + roles["critic"]["params"] * value_head_on_policy
+        if not value_head_on_policy:
+            weights += (lora_parameters(rcfg, r, target_modules) + vh) * ADAPTER_BYTES
+            params += lora_parameters(rcfg, r, target_modules) + vh
         if separate_reward:
             weights += roles["reward"]["weights"]
             params += roles["reward"]["params"]
@@ -1421,7 +1433,8 @@ def _plan_ppo(stage, recipe, row, configs, known_rows, config, fps, world, mfu):
         mem = estimate_ppo_memory(
             config, method=method, r=r or 16, target_modules=targets or "all-linear", lora_dropout=dropout,
             dtype=dtype, batch_size=batch, prompt_len=prompt_len, response_len=response_len,
-            gradient_checkpointing=cfg.gradient_checkpointing, world_size=world, reward_config=reward_config)
+            gradient_checkpointing=cfg.gradient_checkpointing, world_size=world, reward_config=reward_config,
+            value_head_on_policy=cfg.value_head_on_policy)
         row.update({k: v for k, v in mem.items() if k not in ("phases", "roles")})
         row["phases"] = mem["phases"]
     else:
@@ -1429,7 +1442,8 @@ def _plan_ppo(stage, recipe, row, configs, known_rows, config, fps, world, mfu):
     if episodes is not None:
         row["tokens"] = episodes * seq
         f = ppo_flops(n_policy, episodes=episodes, prompt_len=prompt_len, response_len=response_len,
-                      ppo_epochs=cfg.num_ppo_epochs, n_reference=n_policy, n_reward=n_reward, n_critic=n_critic,
+                      ppo_epochs=cfg.num_ppo_epochs, n_reference=n_policy, n_reward=n_reward,
+                      n_critic=0 if cfg.value_head_on_policy else n_critic,
                       train_per_param_token=6.0 if method == "full" else 4.0)
         row["flops"] = f["total"]
         row["flops_split"] = f

@@ -248,6 +248,16 @@ def test_ppo_memory_lora_shares_base():
     assert full["optimizer"] == 12 * (HAND_N + critic_n)
     assert full["total"] > p["total"]
 
+    # value_head_on_policy: no critic adapter/model, only a 64-parameter fp32 head
+    p_vh = estimate_ppo_memory(HAND, method="lora", value_head_on_policy=True, **kw)
+    assert p_vh["weights"] == 2 * HAND_N + 4 * (2 * 8192 + 2 * 64)
+    assert p_vh["trainable_params"] == 8192 + 64
+    assert p_vh["optimizer"] == 8 * (8192 + 64)
+    assert p_vh["activations"] == p["roles"]["policy"]["activations"]
+    full_vh = estimate_ppo_memory(HAND, method="full", value_head_on_policy=True, **kw)
+    assert full_vh["weights"] == 2 * (HAND_N + HAND_N + critic_n) + 4 * 64
+    assert full_vh["optimizer"] == 12 * HAND_N + 8 * 64
+
 
 def test_nf4_bytes_match_bitsandbytes():
     assert nf4_bytes_per_param(True) == 0.5 + 1 / 64 + 4 / (64 * 256)
