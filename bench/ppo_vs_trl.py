@@ -399,6 +399,9 @@ def main():
           f"{big['parameters'] * 4 / 2**20:.0f} MiB of fp32 weights); one PPO step, batch 4, response 16", flush=True)
     mem = {"lora": run_child(Path(sys.executable), "align", spec("mem-lora", big, "reward_lora", mem_ppo, lora),
                              work, env),
+           "lora_vhp": run_child(Path(sys.executable), "align",
+                                 spec("mem-lora-vhp", big, "reward_lora", {**mem_ppo, "value_head_on_policy": True},
+                                      lora), work, env),
            "full": run_child(Path(sys.executable), "align", spec("mem-full", big, "reward_full", mem_ppo), work, env)}
     if "trl" in speed:  # for information: TRL's four separate models on the same big model
         try:
@@ -418,6 +421,8 @@ def main():
         print(f"ppo_step_time_ratio (align / TRL 1.12): not measured: {trl_note}")
     print(f"ppo_peak_rss_ratio (shared-base LoRA / four separate full models, {big['parameters'] / 1e6:.0f}M params): "
           f"{mem['lora']['peak_rss_mb'] / mem['full']['peak_rss_mb']:.2f}  (goal <= 0.4)")
+    print(f"ppo_peak_rss_ratio (LoRA with value_head_on_policy / four separate full models): "
+          f"{mem['lora_vhp']['peak_rss_mb'] / mem['full']['peak_rss_mb']:.2f}")
     if "trl" in mem:
         print(f"ppo_peak_rss_ratio_vs_trl (shared-base LoRA / TRL 1.12's four models, for information): "
               f"{mem['lora']['peak_rss_mb'] / mem['trl']['peak_rss_mb']:.2f}")
