@@ -131,11 +131,20 @@ def run(recipe: Recipe, only: str | None = None, dry_run: bool = False):
             if not is_complete(prev):
                 raise AlignError(f"--stage {only}: earlier stage '{prev.name}' is not finished; run the recipe "
                                  f"without --stage first")
-    if ctx.is_main:
-        check_output_dir(recipe.output_dir, create=not dry_run)
     todo = [s for s in selected if not is_complete(s)]
+    problem = None
     if ctx.is_main:
-        _preflight(recipe, todo)
+        try:
+            check_output_dir(recipe.output_dir, create=not dry_run)
+            _preflight(recipe, todo)
+        except AlignError as e:
+            problem = str(e)
+    if state.num_processes > 1:  # the other processes must stop too, not wait for the main one forever
+        from accelerate.utils import broadcast_object_list
+
+        problem = broadcast_object_list([problem])[0]
+    if problem:
+        raise AlignError(problem)
     if dry_run:
         from align import plan
 

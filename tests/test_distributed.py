@@ -77,3 +77,17 @@ def test_sft_under_fsdp2_on_cpu(tmp_path, pretrained_model, data_dir):
     saved = AutoModelForCausalLM.from_pretrained(tmp_path / "two" / "sft")  # gathered from the shards
     base = AutoModelForCausalLM.from_pretrained(pretrained_model)
     assert sum(p.numel() for p in saved.parameters()) == sum(p.numel() for p in base.parameters())
+
+
+@pytest.mark.slow
+def test_bad_input_under_two_processes_one_message_no_worker_traceback(tmp_path, tiny_model):
+    """The main process checks the recipe's files; the other process must stop with it (not
+    wait at a barrier and die in gloo), and the error is printed once."""
+    stage = {"dataset": {"path": str(tmp_path / "missing.jsonl")}, "reward_funcs": "tests.rewards:letter_a",
+             "response_length": 8, "num_train_steps": 1}
+    recipe = write_recipe(tmp_path / "bad.yaml", tmp_path / "out", {"ppo": stage}, model=str(tiny_model))
+    result = run_align(["run", recipe], launcher=ACCELERATE, timeout=300)
+    assert result.returncode != 0
+    assert result.stderr.count("error: stages.ppo.dataset.path") == 1, result.stderr[-3000:]
+    assert "[rank1]" not in result.stderr and "gloo" not in result.stderr, result.stderr[-3000:]
+    assert not (tmp_path / "out" / "ppo").exists()
