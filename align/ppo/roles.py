@@ -635,7 +635,8 @@ def _load_shared(policy_path, tokenizer, reward_path, reward_tok, critic_source,
         model.load_adapter(policy_path, adapter_name="ref", is_trainable=False)
         ref_stack = ["ref"]
         description.append(f"policy: adapter '{POLICY}' starting from the SFT adapter {policy_path} "
-                           f"(its LoRA shape; the peft block's r/targets apply to the critic)")
+                           f"(its LoRA shape" + ("" if options.value_head_on_policy else
+                                                  "; the peft block's r/targets apply to the critic") + ")")
         description.append("reference: the SFT adapter, frozen, as 'ref'")
     else:
         model = get_peft_model(base, copy.deepcopy(peft_config), adapter_name=POLICY)
