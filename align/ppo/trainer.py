@@ -362,11 +362,13 @@ class PPOTrainer:
                     with torch.enable_grad():
                         logits, v = self.model(*args)
                         first_pass = (core.logprobs_from_logits(logits, response[s], cfg.temperature), v)
-                    logits, v = logits.detach(), v.detach()
+                    logits, v, lp = logits.detach(), v.detach(), first_pass[0].detach()
                 else:
                     logits, v = self.unwrapped(*args)
                 ref_logits = self.roles.ref_logits(*args)
-            logprobs.append(core.logprobs_from_logits(logits, response[s], cfg.temperature))
+            if not reuse:
+                lp = core.logprobs_from_logits(logits, response[s], cfg.temperature)
+            logprobs.append(lp)
             entropy.append(torch.cat([core.entropy_from_logits(row.unsqueeze(0).float() / cfg.temperature)
                                       for row in logits]))
             values.append(v)
