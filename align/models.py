@@ -139,6 +139,20 @@ def quantization_config(block: dict | None):
     return BitsAndBytesConfig(**fields)
 
 
+def keep_4bit_trainable(model):
+    """Stop bitsandbytes from repacking 4-bit weights for its CPU inference kernel.
+
+    On CPUs with AVX512-BF16, a `Linear4bit` that runs once in eval mode without gradients
+    (generation, evaluation) swaps its weights for a layout served by `gemv_4bit`, and keeps
+    them so. That kernel has no backward: later training steps silently lose the gradient
+    through every base layer (measured: LoRA gradients of the first layer change after one
+    eval-mode forward). Models that train keep the training layout."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    return model
+
+
 def load_model(
     path: str,
     *,

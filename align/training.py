@@ -155,6 +155,7 @@ def load_policy(stage, ctx, kind: str = "causal-lm"):
 
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=bool(stage.args.get("gradient_checkpointing", False)))
+        models.keep_4bit_trainable(model)
     peft = stage.options.get("peft")
     task = "SEQ_CLS" if kind == "seq-cls" else "CAUSAL_LM"
     return model, tokenizer, (peft_config(peft, task_type=task, where=f"stages.{stage.name}.peft") if peft else None)

@@ -313,3 +313,37 @@ def test_first_update_step_reuses_the_rollout_forward_pass(tmp_path, tiny_model,
     assert any(v.abs().sum() > 0 for n, v in reused.items() if "lora_B" in n)  # the step moved the adapter
     for name, value in reused.items():
         assert torch.allclose(value, recomputed[name], atol=1e-5), name
+
+
+def test_qlora_one_4bit_base_and_generation_keeps_gradients(tmp_path, tiny_model, data_dir):
+    """QLoRA: one 4-bit base serves every role. A rollout generates in eval mode; on CPUs
+    with AVX512-BF16, bitsandbytes would then repack the 4-bit weights for a kernel without
+    a backward, silently changing every later gradient. Gradients after generating must
+    equal those before."""
+    block = {"dataset": {"path": str(data_dir / "prompts.jsonl")}, **FAST, "reward_funcs": "tests.rewards:letter_a",
+             "peft": {"r": 4, "target_modules": "all-linear"},
+             "quantization": {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": "float32"}}
+    trainer, _ = _build(tmp_path, tiny_model, block)
+    ac = trainer.roles.actor_critic
+    assert ac.policy.get_base_model().is_loaded_in_4bit and trainer.roles.layout == "shared"
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in ac.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.05)
+    ids = torch.randint(5, 60, (2, 10))
+    mask = torch.ones_like(ids)
+
+    def gradients():
+        ac.zero_grad()
+        logits, values = trainer.model(ids, mask, position_ids_from(mask), 4)
+        (logits.float().logsumexp(-1).sum() + values.sum()).backward()
+        return {n: p.grad.clone() for n, p in ac.named_parameters() if p.grad is not None}
+
+    before = gradients()
+    query, query_mask = trainer.encode_prompts(trainer.prompts_for_step(0))
+    trainer.generate(query, query_mask)
+    after = gradients()
+    assert before.keys() == after.keys() and len(before) > 0
+    for name in before:
+        assert torch.allclose(before[name], after[name], atol=1e-6), name

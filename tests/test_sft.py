@@ -58,3 +58,41 @@ def test_prompt_completion_loss_on_completion_only(tmp_path, tiny_model, data_di
     run_align(["run", recipe], check=True)
     m = read_metrics(tmp_path / "run" / "sft")
     assert m["eval_perplexity"] > 1 and "eval_loss" in m
+
+
+def test_qlora_policy_keeps_its_gradients_after_an_eval_pass(tmp_path, tiny_model, data_dir):
+    """A 4-bit policy loaded for training (any TRL stage) must give the same gradients after
+    an eval-mode forward (evaluation, generation): bitsandbytes would otherwise repack its
+    weights on AVX512-BF16 CPUs for a kernel that has no backward."""
+    from accelerate import PartialState
+    from peft import get_peft_model
+
+    from align.recipe import build_recipe
+    from align.run import Context
+    from align.training import load_policy
+
+    block = {"dataset": {"path": str(data_dir / "messages.jsonl")}, "peft": {"r": 4, "target_modules": "all-linear"},
+             "quantization": {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": "float32"}}
+    recipe = build_recipe({"name": "t", "output_dir": str(tmp_path), "model": str(tiny_model), "stages": {"sft": block}})
+    model, _, lora = load_policy(recipe.stages[0], Context(recipe, PartialState()))
+    model = get_peft_model(model, lora)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    ids = torch.randint(5, 60, (2, 10))
+
+    def gradients():
+        model.train()
+        model.zero_grad()
+        model(input_ids=ids).logits.float().logsumexp(-1).sum().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    before = gradients()
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids)
+    after = gradients()
+    for name in before:
+        assert torch.allclose(before[name], after[name], atol=1e-6), name

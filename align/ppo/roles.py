@@ -628,6 +628,7 @@ def _load_shared(policy_path, tokenizer, reward_path, reward_tok, critic_source,
     base = _load_lm(base_path, tokenizer, options, quantize=True)
     if getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False):
         base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=options.gradient_checkpointing)
+        models.keep_4bit_trainable(base)  # rollouts generate in eval mode
 
     description = [f"layout: shared (LoRA): one base model from {base_path}"]
     if policy_is_adapter:
