@@ -5,8 +5,10 @@ its adapter settings, resume from the last checkpoint, and the final save.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -162,10 +164,21 @@ def load_policy(stage, ctx, kind: str = "causal-lm"):
 
 
 def last_checkpoint(stage) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
-
+    """The newest complete checkpoint. transformers writes `trainer_state.json` last, so a
+    folder without a readable one was cut off mid-save (a kill while saving) and is passed
+    over; the run saves that step again when it gets there."""
     folder = stage.dir / CHECKPOINTS
-    return get_last_checkpoint(str(folder)) if folder.is_dir() else None
+    if not folder.is_dir():
+        return None
+    found = sorted((int(m.group(1)), path) for path in folder.iterdir()
+                   if path.is_dir() and (m := re.fullmatch(r"checkpoint-(\d+)", path.name)))
+    for _, path in reversed(found):
+        try:
+            json.loads((path / "trainer_state.json").read_text())
+            return str(path)
+        except (OSError, ValueError):
+            continue
+    return None
 
 
 def train_and_save(trainer, stage, ctx) -> dict:

@@ -78,3 +78,21 @@ def test_stage_version_change_reruns_it(tmp_path, monkeypatch):
     monkeypatch.setattr(task, "VERSION", task.VERSION + 1)
     after = [s.hash for s in build_recipe(raw).stages]
     assert before[0] != after[0] and before[1] != after[1]
+
+
+def test_resume_passes_over_a_checkpoint_cut_off_mid_save(tmp_path):
+    """A kill while transformers writes checkpoint-N leaves a folder without trainer_state.json
+    (written last): resuming must take the newest complete one, not crash on the partial one."""
+    from types import SimpleNamespace
+
+    from align.training import CHECKPOINTS, last_checkpoint
+
+    folder = tmp_path / CHECKPOINTS
+    for step, state in ((10, '{"global_step": 10}'), (20, '{"global_step": 20}'), (30, None), (40, '{"glob')):
+        (folder / f"checkpoint-{step}").mkdir(parents=True)
+        (folder / f"checkpoint-{step}" / "model.safetensors").write_bytes(b"")
+        if state is not None:
+            (folder / f"checkpoint-{step}" / "trainer_state.json").write_text(state)
+    (folder / "checkpoint-99.tmp").mkdir()
+    assert last_checkpoint(SimpleNamespace(dir=tmp_path)) == str(folder / "checkpoint-20")
+    assert last_checkpoint(SimpleNamespace(dir=tmp_path / "nothing")) is None
