@@ -348,15 +348,23 @@ class PPOTrainer:
         position_ids = position_ids_from(attention_mask)
         T = response.shape[1]
 
+        completions = [self.tokenizer.decode(row[m], skip_special_tokens=True) for row, m in zip(response, mask)]
+        raw_scores, per_source = self.score(prompts, completions, response, mask)
+
         # With one minibatch of one micro-batch, the update's first forward pass would see this
         # whole batch under these very weights: run it here with gradients and let the update
-        # reuse it (one policy + critic pass saved per step; ratio 1 by construction).
+        # reuse it (one policy + critic pass saved per step; ratio 1 by construction). It runs
+        # after the reward and reference passes, so its graph never coexists with them.
         reuse = cfg.num_mini_batches == 1 and cfg.gradient_accumulation_steps == 1 and \
             len(self._chunks(len(prompts))) == 1
         first_pass = None
         logprobs, ref_logprobs, values, entropy = [], [], [], []
         for s in self._chunks(len(prompts)):
             args = (input_ids[s], attention_mask[s], position_ids[s], T)
+            with self.accelerator.autocast():
+                ref_logits = self.roles.ref_logits(*args)
+            ref_logprobs.append(core.logprobs_from_logits(ref_logits, response[s], cfg.temperature))
+            del ref_logits
             with self.accelerator.autocast():
                 if reuse:
                     with torch.enable_grad():
@@ -365,20 +373,16 @@ class PPOTrainer:
                     logits, v, lp = logits.detach(), v.detach(), first_pass[0].detach()
                 else:
                     logits, v = self.unwrapped(*args)
-                ref_logits = self.roles.ref_logits(*args)
             if not reuse:
                 lp = core.logprobs_from_logits(logits, response[s], cfg.temperature)
             logprobs.append(lp)
             entropy.append(torch.cat([core.entropy_from_logits(row.unsqueeze(0).float() / cfg.temperature)
                                       for row in logits]))
             values.append(v)
-            ref_logprobs.append(core.logprobs_from_logits(ref_logits, response[s], cfg.temperature))
-            del logits, ref_logits
+            del logits
         logprobs, ref_logprobs = torch.cat(logprobs), torch.cat(ref_logprobs)
         values, entropy = torch.cat(values), torch.cat(entropy)
 
-        completions = [self.tokenizer.decode(row[m], skip_special_tokens=True) for row, m in zip(response, mask)]
-        raw_scores, per_source = self.score(prompts, completions, response, mask)
         scores = core.apply_missing_stop_penalty(raw_scores, has_stop, cfg.missing_eos_penalty)
         rewards, kl = core.token_rewards(scores, logprobs, ref_logprobs, mask, self.kl_ctl.value, cfg.kl_estimator)
         if cfg.whiten_rewards:
