@@ -140,6 +140,7 @@ def test_stop_strings_mask_after_the_string(tmp_path, tiny_model, data_dir):
     ({"reward_weights": [1.0, 2.0]}, "reward_weights"),
     ({"kl_estimator": "k2"}, "kl_estimator"),
     ({"peft": {"method": "ia3"}}, "peft.method"),
+    ({"value_head_on_policy": True, "value_model": "some/critic"}, "value_model"),
 ])
 def test_bad_recipes_fail_at_load_naming_the_field(tmp_path, data_dir, change, field):
     block = {"dataset": {"path": str(data_dir / "prompts.jsonl")}, **FAST, "reward_funcs": "tests.rewards:letter_a",

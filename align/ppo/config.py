@@ -51,7 +51,8 @@ class PPOConfig:
     learning_rate: float = 3e-6
     """Policy learning rate [TRL: 3e-6]."""
     critic_learning_rate: float | None = None
-    """Critic learning rate; None uses learning_rate."""
+    """Critic learning rate; None uses learning_rate. With value_head_on_policy it applies to
+    the value head only (the shared weights train at learning_rate)."""
     lr_scheduler_type: str = "linear"
     """transformers scheduler name, stepped once per rollout batch (linear decay to 0 over
     the run, as in [Ziegler19] and [TRL])."""
