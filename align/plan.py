@@ -832,6 +832,7 @@ def ppo_flops(
     n_reward: float | None = None,
     n_critic: float | None = None,
     train_per_param_token: float = 6.0,
+    reuse_rollout_pass: bool = True,
 ) -> dict[str, float]:
     """FLOPs of PPO over ``episodes`` sequences of ``prompt_len + response_len`` tokens.
 
@@ -839,19 +840,22 @@ def ppo_flops(
 
     * generation: the policy prefills the prompt and decodes each response token, 2·N per
       token: ``2·N_policy·S·episodes``;
-    * scoring: reference, reward and critic forwards over the full sequence:
-      ``2·(N_ref + N_reward + N_critic)·S·episodes``;
+    * scoring: reference and reward forwards over the full sequence, plus the policy's and
+      the critic's (old log-probs and values) unless ``reuse_rollout_pass`` (one minibatch of
+      one micro-batch: the first optimizer step reuses that pass, see align.ppo.trainer):
+      ``2·(N_ref + N_reward [+ N_policy + N_critic])·S·episodes``;
     * training: policy and critic forward + backward for every PPO epoch:
       ``6·(N_policy + N_critic)·S·episodes·ppo_epochs`` (``train_per_param_token``; ≈ 4
-      for LoRA).
+      for LoRA). With ``value_head_on_policy`` pass ``n_critic=0``.
     """
     S = prompt_len + response_len
     ref = n_params if n_reference is None else n_reference
     rew = n_params if n_reward is None else n_reward
     critic = n_params if n_critic is None else n_critic
+    scored = ref + rew + (0.0 if reuse_rollout_pass else n_params + critic)
     out = {
         "generation": 2.0 * n_params * S * episodes,
-        "scoring": 2.0 * (ref + rew + critic) * S * episodes,
+        "scoring": 2.0 * scored * S * episodes,
         "training": train_per_param_token * (n_params + critic) * S * episodes * ppo_epochs,
     }
     out["total"] = sum(out.values())
@@ -1444,7 +1448,9 @@ def _plan_ppo(stage, recipe, row, configs, known_rows, config, fps, world, mfu):
         f = ppo_flops(n_policy, episodes=episodes, prompt_len=prompt_len, response_len=response_len,
                       ppo_epochs=cfg.num_ppo_epochs, n_reference=n_policy, n_reward=n_reward,
                       n_critic=0 if cfg.value_head_on_policy else n_critic,
-                      train_per_param_token=6.0 if method == "full" else 4.0)
+                      train_per_param_token=6.0 if method == "full" else 4.0,
+                      reuse_rollout_pass=cfg.num_mini_batches * cfg.gradient_accumulation_steps == 1
+                      and (cfg.rollout_forward_batch_size or batch) >= batch)
         row["flops"] = f["total"]
         row["flops_split"] = f
         row["seconds"] = estimate_time(f["total"], fps, mfu=mfu, devices=world)

@@ -289,9 +289,15 @@ def test_ppo_flops_by_hand():
     f = ppo_flops(1e9, episodes=1000, prompt_len=300, response_len=200, ppo_epochs=4, n_reward=5e8)
     seq_tokens = 1000 * 500
     assert f["generation"] == pytest.approx(2 * 1e9 * seq_tokens)  # 1e15
-    assert f["scoring"] == pytest.approx(2 * (1e9 + 5e8 + 1e9) * seq_tokens)  # ref + reward + critic
+    # ref + reward; the policy/critic pass of the rollout is the first epoch's forward (reused)
+    assert f["scoring"] == pytest.approx(2 * (1e9 + 5e8) * seq_tokens)
     assert f["training"] == pytest.approx(6 * (1e9 + 1e9) * seq_tokens * 4)  # policy + critic, 4 epochs
-    assert f["total"] == pytest.approx(1e15 + 2.5e15 + 2.4e16)
+    assert f["total"] == pytest.approx(1e15 + 1.5e15 + 2.4e16)
+    g = ppo_flops(1e9, episodes=1000, prompt_len=300, response_len=200, ppo_epochs=4, n_reward=5e8,
+                  reuse_rollout_pass=False)
+    assert g["scoring"] == pytest.approx(2 * (1e9 + 5e8 + 1e9 + 1e9) * seq_tokens)  # + old policy + critic
+    h = ppo_flops(1e9, episodes=1000, prompt_len=300, response_len=200, ppo_epochs=4, n_critic=0)
+    assert h["training"] == pytest.approx(6 * 1e9 * seq_tokens * 4)  # value_head_on_policy: one network
 
 
 def test_format_plan():
