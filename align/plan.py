@@ -47,6 +47,7 @@ __all__ = [
     "activation_bytes",
     "estimate_memory",
     "estimate_ppo_memory",
+    "estimate_online_memory",
     "flops",
     "ppo_flops",
     "chinchilla_tokens",
@@ -809,6 +810,71 @@ def estimate_ppo_memory(
     }
 
 
+def estimate_online_memory(
+    config,
+    *,
+    method: str = "full",
+    r: int = 16,
+    target_modules: str | Iterable[str] = "all-linear",
+    lora_dropout: float = 0.0,
+    dtype: str = "bf16",
+    optimizer: str = "adamw",
+    batch_size: int = 8,
+    generation_batch_size: int | None = None,
+    prompt_len: int = 512,
+    completion_len: int = 512,
+    beta: float = 0.0,
+    reward_config=None,
+    gradient_checkpointing: bool = False,
+    world_size: int = 1,
+    double_quant: bool = True,
+) -> dict[str, Any]:
+    """Per-device memory of an RLOO / GRPO run on TRL: a trainable policy, no critic.
+
+    * reference: only when ``beta > 0``; a frozen copy with full fine-tuning, nothing extra
+      with LoRA/QLoRA (TRL disables the adapter for it);
+    * reward: with ``reward_config``, a separate frozen sequence classifier in ``dtype``
+      (align's rloo/grpo stages load the reward model on its own); reward functions cost none;
+    * phases, one after another: generation of ``generation_batch_size`` completions (KV
+      cache), scoring (no-grad reference / reward forwards), training on ``batch_size``.
+
+    ``total = weights + gradients + optimizer + max(phases)``; same keys as
+    :func:`estimate_ppo_memory`.
+    """
+    common = dict(r=r, target_modules=target_modules, lora_dropout=lora_dropout, dtype=dtype, optimizer=optimizer,
+                  seq_len=prompt_len + completion_len, world_size=world_size, double_quant=double_quant)
+    policy = estimate_memory(config, method=method, role="train", batch_size=batch_size,
+                             gradient_checkpointing=gradient_checkpointing, **common)
+    generation = estimate_memory(config, method=method, role="generate",
+                                 batch_size=generation_batch_size or batch_size, **common)
+    weights, params, scoring = policy["weights"], policy["params"], 0
+    if beta > 0:
+        ref = estimate_memory(config, method=method, role="frozen", batch_size=batch_size, **common)
+        scoring = ref["activations"]
+        if method == "full":
+            weights += ref["weights"]
+            params += ref["params"]
+    if reward_config is not None:
+        reward = estimate_memory(reward_config, method="full", role="frozen", head="value", batch_size=batch_size,
+                                 **common)
+        weights += reward["weights"]
+        params += reward["params"]
+        scoring = max(scoring, reward["activations"])
+    phases = {"generation": generation["kv_cache"] + generation["activations"], "scoring": scoring,
+              "training": policy["activations"]}
+    return {
+        "params": params,
+        "trainable_params": policy["trainable_params"],
+        "weights": weights,
+        "gradients": policy["gradients"],
+        "optimizer": policy["optimizer"],
+        "activations": phases["training"],
+        "kv_cache": generation["kv_cache"],
+        "total": weights + policy["gradients"] + policy["optimizer"] + max(phases.values()),
+        "phases": phases,
+    }
+
+
 # --------------------------------------------------------------------------- compute
 
 
@@ -985,6 +1051,7 @@ DEFAULT_SEQ_LEN = 1024
 PPO_PROMPT_LEN = 256
 
 _TRAIN_TYPES = ("pretrain", "sft", "reward", "dpo")
+_ONLINE_TYPES = ("rloo", "grpo")  # TRL's critic-free online trainers
 _PAIR_TYPES = ("reward", "dpo")  # every example is two sequences (chosen and rejected)
 _POLICY_TYPES = ("init", "pretrain", "sft", "dpo", "ppo", "rloo", "grpo")
 _MODEL_OUTPUT_TYPES = _POLICY_TYPES + ("reward",)  # stages whose folder will hold a model
@@ -1330,6 +1397,9 @@ def _plan_stage(stage, recipe, row, configs, known_rows, fps, world, mfu):
     if stage.type == "ppo":
         _plan_ppo(stage, recipe, row, configs, known_rows, config, fps, world, mfu)
         return
+    if stage.type in _ONLINE_TYPES:
+        _plan_online(stage, recipe, row, configs, known_rows, config, fps, world, mfu)
+        return
     if stage.type not in _TRAIN_TYPES:
         notes.append(f"stage type '{stage.type}' is not estimated")
         return
@@ -1455,6 +1525,62 @@ def _plan_ppo(stage, recipe, row, configs, known_rows, config, fps, world, mfu):
         row["flops_split"] = f
         row["seconds"] = estimate_time(f["total"], fps, mfu=mfu, devices=world)
         notes.append("generation is memory-bound: expect PPO to take longer than its FLOPs suggest")
+
+
+def _plan_online(stage, recipe, row, configs, known_rows, config, fps, world, mfu):
+    """RLOO / GRPO: every completion is a training sequence of prompt + completion tokens."""
+    notes = row["notes"]
+    method, r, targets, dropout = _method(stage, config, notes)
+    batch = int(_arg(stage, "per_device_train_batch_size", 8))  # completions per device per step
+    accum = int(_arg(stage, "gradient_accumulation_steps", 1))
+    prompt_len = int(_arg(stage, "max_prompt_length", 0)) or PPO_PROMPT_LEN
+    if not _arg(stage, "max_prompt_length", None):
+        notes.append(f"prompt length assumed {PPO_PROMPT_LEN} tokens (max_prompt_length unset)")
+    completion_len = int(_arg(stage, "max_completion_length", 512))
+    beta = float(_arg(stage, "beta", 0.0))
+    seq = prompt_len + completion_len
+    dtype = _dtype(recipe, stage)
+    gc = _gradient_checkpointing(stage)
+    n_policy = count_parameters(config)["total"]
+    reward_path = stage.options.get("reward_model")
+    reward_config = None
+    if reward_path:
+        reward_config, note = configs.get(reward_path)
+        if note:
+            notes.append(f"reward model: {note}; counted as the policy's architecture")
+        reward_config = reward_config or config
+    examples = dataset_rows(stage.options.get("dataset"), known_rows)
+    max_steps = int(_arg(stage, "max_steps", -1))
+    if max_steps > 0:
+        completions = max_steps * batch * accum * world
+    elif examples is not None:
+        completions = math.ceil(examples * float(_arg(stage, "num_train_epochs", 1.0))
+                                * int(_arg(stage, "num_generations", 8)))
+    else:
+        completions = None
+        notes.append("dataset size unknown (not a local file): completions, FLOPs and time not estimated")
+    row.update(method=method, r=r or None, target_modules=_target_label(targets) if r else None,
+               batch_size=batch, grad_accum=accum, seq_len=seq, gradient_checkpointing=gc, dtype=dtype,
+               examples=examples, sequences=completions, chinchilla_tokens=chinchilla_tokens(n_policy))
+    if method in ("full", "lora", "qlora"):
+        mem = estimate_online_memory(
+            config, method=method, r=r or 16, target_modules=targets or "all-linear", lora_dropout=dropout,
+            dtype=dtype, optimizer=_optimizer(stage, notes), batch_size=batch,
+            generation_batch_size=batch * int(_arg(stage, "steps_per_generation", accum)), prompt_len=prompt_len,
+            completion_len=completion_len, beta=beta, reward_config=reward_config, gradient_checkpointing=gc,
+            world_size=world)
+        row.update({k: v for k, v in mem.items() if k != "phases"})
+        row["phases"] = mem["phases"]
+    else:
+        notes.append(f"peft method '{method}': memory not modelled")
+    if completions is not None:
+        row["tokens"] = completions * seq
+        n_reward = _score_params(reward_config) if reward_config is not None else 0
+        forwards = 2.0 * (n_policy + n_reward + (n_policy if beta > 0 else 0))  # generation, reward, reference
+        per_token = (6.0 if method == "full" else 4.0) * int(_arg(stage, "num_iterations", 1))
+        row["flops"] = (forwards + per_token * n_policy) * row["tokens"]
+        row["seconds"] = estimate_time(row["flops"], fps, mfu=mfu, devices=world)
+        notes.append("generation is memory-bound: expect it to take longer than its FLOPs suggest")
 
 
 def _detail_table(rows) -> str:

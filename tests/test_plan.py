@@ -26,6 +26,7 @@ from align.plan import (
     compute_optimal,
     count_parameters,
     estimate_memory,
+    estimate_online_memory,
     estimate_ppo_memory,
     estimate_time,
     flops,
@@ -453,3 +454,21 @@ def test_estimate_matches_measured_training_memory():
         assert abs(total - rss) <= 0.30 * rss, report
     if alloc is not None:
         assert abs(total - alloc) <= 0.30 * alloc, report
+
+
+def test_online_memory_rloo_grpo_by_hand():
+    """RLOO / GRPO: no critic; a reference copy only for full fine-tuning with beta > 0; a
+    reward model adds its frozen weights (a classifier: no LM head, a 64-weight score head)."""
+    kw = dict(dtype="bf16", batch_size=2, prompt_len=6, completion_len=2)
+    lora = estimate_online_memory(HAND, method="lora", r=4, beta=0.05, **kw)
+    assert lora["weights"] == 2 * HAND_N + 4 * 8192  # one base + the policy adapter; reference = adapter off
+    assert lora["trainable_params"] == 8192 and lora["optimizer"] == 8 * 8192
+    full = estimate_online_memory(HAND, method="full", beta=0.0, **kw)
+    assert full["weights"] == 2 * HAND_N and full["optimizer"] == 12 * HAND_N
+    full_ref = estimate_online_memory(HAND, method="full", beta=0.05, **kw)
+    assert full_ref["weights"] == 2 * 2 * HAND_N
+    with_rm = estimate_online_memory(HAND, method="full", beta=0.0, reward_config=HAND, **kw)
+    assert with_rm["weights"] == 2 * HAND_N + 2 * (HAND_N - 6400 + 64)
+    for m in (lora, full, full_ref, with_rm):
+        assert m["total"] == m["weights"] + m["gradients"] + m["optimizer"] + max(m["phases"].values())
+    assert lora["kv_cache"] == 2 * 2 * 2 * 16 * 2 * 8 * 2  # same cache as PPO's for the same shapes
