@@ -126,8 +126,8 @@ def main(argv=None):
     try:
         args.func(args)
     except AlignError as e:
-        if os.environ.get("RANK", "0") == "0":  # under `accelerate launch` every process fails alike; say it once
-            print(f"error: {e}", file=sys.stderr)
+        rank = os.environ.get("RANK", "0")
+        print(f"error: {e}" if rank == "0" else f"error (process {rank}): {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -215,7 +216,12 @@ def _load_merged_adapter(path, kind, dtype, trust_remote_code, kwargs):
         merged = load_model(str(path), kind=own_kind, dtype=dtype, trust_remote_code=trust_remote_code)
         tmp = target.with_name(f"merged.tmp{os.getpid()}")
         merged.save_pretrained(tmp, safe_serialization=True)
-        os.replace(tmp, target)
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process (same launch) got there first: use its copy
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not (target / "config.json").is_file():
+                raise
     return _model_class(kind).from_pretrained(target, **kwargs)
 
 

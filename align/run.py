@@ -143,6 +143,8 @@ def run(recipe: Recipe, only: str | None = None, dry_run: bool = False):
         from accelerate.utils import broadcast_object_list
 
         problem = broadcast_object_list([problem])[0]
+        if problem and not ctx.is_main:
+            sys.exit(2)  # the main process reports it
     if problem:
         raise AlignError(problem)
     if dry_run:

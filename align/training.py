@@ -143,11 +143,12 @@ def load_policy(stage, ctx, kind: str = "causal-lm"):
     path = stage.options.get("model") or ctx.default_model(stage)
     trust = bool(ctx.model.get("trust_remote_code", False))
     tokenizer = models.load_tokenizer(path, trust_remote_code=trust)
-    model = models.load_model(
-        path, kind=kind, dtype=ctx.model.get("dtype", "auto"), quantization=stage.options.get("quantization"),
-        trust_remote_code=trust, revision=ctx.model.get("revision") if path == ctx.model.get("name_or_path") else None,
-        attn_implementation=ctx.model.get("attn_implementation"),
-    )
+    with ctx.state.main_process_first():  # a merged adapter copy is written once, then read by all
+        model = models.load_model(
+            path, kind=kind, dtype=ctx.model.get("dtype", "auto"), quantization=stage.options.get("quantization"),
+            trust_remote_code=trust, revision=ctx.model.get("revision") if path == ctx.model.get("name_or_path")
+            else None, attn_implementation=ctx.model.get("attn_implementation"),
+        )
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))  # we added a pad / end-of-turn token
     if model.config.pad_token_id is None:

@@ -91,3 +91,19 @@ def test_bad_input_under_two_processes_one_message_no_worker_traceback(tmp_path,
     assert result.stderr.count("error: stages.ppo.dataset.path") == 1, result.stderr[-3000:]
     assert "[rank1]" not in result.stderr and "gloo" not in result.stderr, result.stderr[-3000:]
     assert not (tmp_path / "out" / "ppo").exists()
+
+
+@pytest.mark.slow
+def test_classifier_from_a_lora_adapter_under_two_processes(tmp_path, tiny_model, data_dir):
+    """A reward stage starting from a LoRA SFT output goes through a merged copy written next to
+    the adapter: with two processes it is written once (the main process first), not raced."""
+    stages = {"sft": {"dataset": {"path": str(data_dir / "messages.jsonl")}, "peft": {"r": 4},
+                      "max_steps": 2, "per_device_train_batch_size": 8, "save_strategy": "no"},
+              "reward": {"dataset": {"path": str(data_dir / "prefs.jsonl")}, "max_steps": 2,
+                         "per_device_train_batch_size": 4, "save_strategy": "no"}}
+    recipe = write_recipe(tmp_path / "r.yaml", tmp_path / "run", stages, model=str(tiny_model))
+    run_align(["run", recipe, "--stage", "sft"], check=True)
+    result = run_align(["run", recipe], launcher=ACCELERATE, check=True)
+    assert "error" not in result.stderr.lower().replace("error_file", ""), result.stderr[-2000:]
+    assert read_metrics(tmp_path / "run" / "reward")["world_size"] == 2
+    assert sorted(p.name for p in (tmp_path / "run" / "sft").iterdir() if p.name.startswith("merged")) == ["merged"]

@@ -132,12 +132,13 @@ def build_trainer(stage, ctx):
     lora = peft_config(peft, task_type="CAUSAL_LM", where=f"{where}.peft") if peft else None
     funcs = {spec: import_reward_func(spec, f"{where}.reward_funcs") for spec in reward_func_specs(stage)}
     accelerator = _accelerator()
-    roles = load_roles(
-        policy_path=policy_path, tokenizer=tokenizer, reward_path=stage.options.get("reward_model"),
-        value_path=stage.options.get("value_model"), peft_config=lora,
-        options=LoadOptions(dtype=ctx.model.get("dtype", "auto"), quantization=stage.options.get("quantization"),
-                            trust_remote_code=trust, gradient_checkpointing=config.gradient_checkpointing,
-                            value_head_on_policy=config.value_head_on_policy))
+    with accelerator.main_process_first():  # a merged adapter copy is written once, then read by all
+        roles = load_roles(
+            policy_path=policy_path, tokenizer=tokenizer, reward_path=stage.options.get("reward_model"),
+            value_path=stage.options.get("value_model"), peft_config=lora,
+            options=LoadOptions(dtype=ctx.model.get("dtype", "auto"), quantization=stage.options.get("quantization"),
+                                trust_remote_code=trust, gradient_checkpointing=config.gradient_checkpointing,
+                                value_head_on_policy=config.value_head_on_policy))
     for line in roles.description:
         ctx.log(f"[{stage.name}] {line}")
     return PPOTrainer(config, roles, tokenizer, train, output_dir=stage.dir, reward_funcs=funcs,
