@@ -96,3 +96,13 @@ def test_resume_passes_over_a_checkpoint_cut_off_mid_save(tmp_path):
     (folder / "checkpoint-99.tmp").mkdir()
     assert last_checkpoint(SimpleNamespace(dir=tmp_path)) == str(folder / "checkpoint-20")
     assert last_checkpoint(SimpleNamespace(dir=tmp_path / "nothing")) is None
+
+
+def test_set_a_model_field_when_model_is_a_plain_id(tmp_path):
+    """`model: some/id` is short for `{name_or_path: some/id}`, so `--set model.dtype=...` works on it."""
+    from align.recipe import apply_overrides, build_recipe
+
+    raw = apply_overrides({"output_dir": str(tmp_path), "model": "org/model", "stages": {"task": {}}},
+                          ["model.dtype=bfloat16", "model.trust_remote_code=false"])
+    assert raw["model"] == {"name_or_path": "org/model", "dtype": "bfloat16", "trust_remote_code": False}
+    assert build_recipe(raw).model["dtype"] == "bfloat16"
