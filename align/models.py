@@ -140,14 +140,17 @@ def quantization_config(block: dict | None):
     return BitsAndBytesConfig(**fields)
 
 
-def keep_4bit_trainable(model):
-    """Stop bitsandbytes from repacking 4-bit weights for its CPU inference kernel.
+def prepare_kbit_training(model, gradient_checkpointing: bool):
+    """peft's k-bit preparation for a quantized model that will train, and no CPU repacking.
 
-    On CPUs with AVX512-BF16, a `Linear4bit` that runs once in eval mode without gradients
-    (generation, evaluation) swaps its weights for a layout served by `gemv_4bit`, and keeps
-    them so. That kernel has no backward: later training steps silently lose the gradient
-    through every base layer (measured: LoRA gradients of the first layer change after one
-    eval-mode forward). Models that train keep the training layout."""
+    On CPUs with AVX512-BF16, a bitsandbytes `Linear4bit` that runs once in eval mode without
+    gradients (generation, evaluation) swaps its weights for a layout served by `gemv_4bit`,
+    and keeps them so. That kernel has no backward: later training steps silently lose the
+    gradient through every base layer (measured: LoRA gradients of the first layer change
+    after one eval-mode forward). A model that trains keeps the training layout."""
+    from peft import prepare_model_for_kbit_training
+
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False

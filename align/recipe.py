@@ -92,7 +92,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         parts = key.split(".")
         for part in parts[:-1]:
             if node is raw and part == "model" and isinstance(node.get(part), str):
-                node[part] = {"name_or_path": node[part]}  # `model: id` is short for {name_or_path: id}
+                node[part] = _model_block(node[part])  # `model: id` is short for {name_or_path: id}
             if not isinstance(node.get(part), dict):
                 if part in node:
                     raise AlignError(f"--set {key}: '{part}' is not a mapping")

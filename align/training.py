@@ -154,32 +154,33 @@ def load_policy(stage, ctx, kind: str = "causal-lm"):
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=bool(stage.args.get("gradient_checkpointing", False)))
-        models.keep_4bit_trainable(model)
+        model = models.prepare_kbit_training(model, bool(stage.args.get("gradient_checkpointing", False)))
     peft = stage.options.get("peft")
     task = "SEQ_CLS" if kind == "seq-cls" else "CAUSAL_LM"
     return model, tokenizer, (peft_config(peft, task_type=task, where=f"stages.{stage.name}.peft") if peft else None)
 
 
-def last_checkpoint(stage) -> str | None:
-    """The newest complete checkpoint. transformers writes `trainer_state.json` last, so a
-    folder without a readable one was cut off mid-save (a kill while saving) and is passed
-    over; the run saves that step again when it gets there."""
-    folder = stage.dir / CHECKPOINTS
+def complete_checkpoints(folder: Path) -> list[Path]:
+    """`checkpoint-N` folders, oldest first, whose `trainer_state.json` parses. transformers
+    (and align's PPO trainer) write it last, so a folder without a readable one was cut off
+    mid-save by a kill and is passed over; the run saves that step again when it gets there."""
     if not folder.is_dir():
-        return None
+        return []
     found = sorted((int(m.group(1)), path) for path in folder.iterdir()
                    if path.is_dir() and (m := re.fullmatch(r"checkpoint-(\d+)", path.name)))
-    for _, path in reversed(found):
+    complete = []
+    for _, path in found:
         try:
             json.loads((path / "trainer_state.json").read_text())
-            return str(path)
         except (OSError, ValueError):
             continue
-    return None
+        complete.append(path)
+    return complete
+
+
+def last_checkpoint(stage) -> str | None:
+    found = complete_checkpoints(stage.dir / CHECKPOINTS)
+    return str(found[-1]) if found else None
 
 
 def train_and_save(trainer, stage, ctx) -> dict:

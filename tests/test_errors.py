@@ -107,3 +107,15 @@ def test_error_has_no_traceback_in_a_real_process(tmp_path):
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == \
         "error: stages.sft.learnig_rate: unknown SFTConfig field; did you mean 'learning_rate'?"
+
+
+def test_error_on_a_non_main_process_names_the_process(tmp_path, capsys, monkeypatch):
+    """Under `accelerate launch` an error raised only on process N would otherwise look like
+    the main process's: it is printed as `error (process N): ...`."""
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "run"), "stages": {"sft": {"learnig_rate": 1}}}))
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", str(path)])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.startswith("error (process 1): stages.sft.learnig_rate")

@@ -48,10 +48,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from contextlib import nullcontext
 import json
 import os
 import re
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -150,8 +150,12 @@ class AdapterSwitch:
         gradients would be computed through the policy's adapter). The role is left active
         afterwards: every entry point selects its role anyway, and a backward pass then
         switches once per role, not once per layer."""
-        role = self.current
-        return nullcontext(), _Use(self, role)
+        return nullcontext(), self._selected(self.current)
+
+    @contextmanager
+    def _selected(self, role: str):
+        self.use(role)
+        yield
 
     def use(self, role: str):
         if role == self.current:
@@ -167,17 +171,6 @@ class AdapterSwitch:
             if p.requires_grad != flag:
                 p.requires_grad_(flag)
         self.current = role
-
-
-class _Use:
-    def __init__(self, switch: AdapterSwitch, role: str):
-        self.switch, self.role = switch, role
-
-    def __enter__(self):
-        self.switch.use(self.role)
-
-    def __exit__(self, *exc):
-        return False
 
 
 class _NoSwitch:
@@ -214,6 +207,11 @@ class ActorCritic(nn.Module):
     def shared(self) -> bool:
         return self.critic is None
 
+    @property
+    def lm(self) -> nn.Module:
+        """The policy's causal LM (inside the PeftModel in the shared layout)."""
+        return self.policy.get_base_model() if hasattr(self.policy, "get_base_model") else self.policy
+
     def forward(self, input_ids, attention_mask, position_ids, n: int):
         if self.on_policy:
             logits, hidden = self.policy_logits(input_ids, attention_mask, position_ids, n, with_hidden=True)
@@ -229,8 +227,7 @@ class ActorCritic(nn.Module):
         seen = []
         hook = None
         if with_hidden:
-            lm = self.policy.get_base_model() if hasattr(self.policy, "get_base_model") else self.policy
-            hook = lm.get_output_embeddings().register_forward_hook(lambda _m, args, _out: seen.append(args[0]))
+            hook = self.lm.get_output_embeddings().register_forward_hook(lambda _m, args, _out: seen.append(args[0]))
         try:
             out = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                               use_cache=False, logits_to_keep=n + 1)
@@ -261,7 +258,7 @@ class ActorCritic(nn.Module):
         from transformers import GenerationConfig
 
         self.switch.use("policy")
-        lm = self.policy.get_base_model() if hasattr(self.policy, "get_base_model") else self.policy
+        lm = self.lm
         saved, was_training = lm.generation_config, self.training
         lm.generation_config = GenerationConfig()
         self.eval()
@@ -522,14 +519,14 @@ def _load_separate(policy_path, tokenizer, reward_path, reward_tok, critic_sourc
     if options.value_head_on_policy:
         value_head = _zero_value_head(policy)
         description.append("critic: a value head on the policy's last hidden states (value_head_on_policy)")
-    elif _is_classifier_checkpoint(critic_path):
-        critic = _load_classifier(critic_path, tokenizer, options)
-        description.append(f"critic: sequence classifier from {critic_path}")
     else:
         critic = _load_classifier(critic_path, tokenizer, options)
-        with torch.no_grad():
-            score_head(critic).weight.zero_()  # a fresh head: predict 0 until it has learned
-        description.append(f"critic: {critic_path} with a new (zero) value head")
+        if _is_classifier_checkpoint(critic_path):
+            description.append(f"critic: sequence classifier from {critic_path}")
+        else:
+            with torch.no_grad():
+                score_head(critic).weight.zero_()  # a fresh head: predict 0 until it has learned
+            description.append(f"critic: {critic_path} with a new (zero) value head")
     reward = None
     if reward_path:
         reward = _load_lm(reward_path, reward_tok, options, kind="seq-cls")
@@ -550,9 +547,7 @@ def _load_separate(policy_path, tokenizer, reward_path, reward_tok, critic_sourc
 def _zero_value_head(model) -> nn.Linear:
     """hidden -> 1, float32, zero: the critic predicts 0 until it has learned (a reward
     model's score head would read features of a different network)."""
-    hidden = model.get_base_model().config.get_text_config().hidden_size if hasattr(model, "get_base_model") \
-        else model.config.get_text_config().hidden_size
-    head = nn.Linear(hidden, 1, bias=False, dtype=torch.float32)
+    head = nn.Linear(model.config.get_text_config().hidden_size, 1, bias=False, dtype=torch.float32)
     nn.init.zeros_(head.weight)
     return head
 
@@ -619,7 +614,7 @@ def _score_weight(path: str | None) -> torch.Tensor | None:
 
 
 def _load_shared(policy_path, tokenizer, reward_path, reward_tok, critic_source, peft_config, options) -> Roles:
-    from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
+    from peft import PeftModel, get_peft_model
 
     if type(peft_config).__name__ != "LoraConfig":
         raise AlignError("peft.method: PPO shares one base model through LoRA adapters; use method: lora")
@@ -627,8 +622,7 @@ def _load_shared(policy_path, tokenizer, reward_path, reward_tok, critic_source,
     base_path = models.adapter_base(policy_path) if policy_is_adapter else policy_path
     base = _load_lm(base_path, tokenizer, options, quantize=True)
     if getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False):
-        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=options.gradient_checkpointing)
-        models.keep_4bit_trainable(base)  # rollouts generate in eval mode
+        base = models.prepare_kbit_training(base, options.gradient_checkpointing)
 
     description = [f"layout: shared (LoRA): one base model from {base_path}"]
     if policy_is_adapter:

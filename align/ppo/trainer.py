@@ -41,11 +41,11 @@ from align.errors import AlignError
 from align.ppo import core
 from align.ppo.config import PPOConfig
 from align.ppo.roles import Roles
+from align.training import complete_checkpoints
 
 CHECKPOINTS = "checkpoints"
 LOG_FILE = "log_history.jsonl"
 SAMPLES_FILE = "samples.md"
-_CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
 
 
 @dataclasses.dataclass
@@ -186,7 +186,8 @@ class PPOTrainer:
 
     def _stop_token_ids(self) -> set[int]:
         ids = set()
-        for source in (self.tokenizer.eos_token_id, getattr(self._policy_lm().generation_config, "eos_token_id", None)):
+        lm = self.roles.actor_critic.lm
+        for source in (self.tokenizer.eos_token_id, getattr(lm.generation_config, "eos_token_id", None)):
             if isinstance(source, int):
                 ids.add(source)
             elif isinstance(source, (list, tuple)):
@@ -194,10 +195,6 @@ class PPOTrainer:
         if not ids:
             raise AlignError("model: the tokenizer has no eos_token; PPO needs one to end responses")
         return ids
-
-    def _policy_lm(self):
-        policy = self.roles.actor_critic.policy
-        return policy.get_base_model() if hasattr(policy, "get_base_model") else policy
 
     def _sum_all(self, t: torch.Tensor) -> torch.Tensor:
         return self.accelerator.reduce(t, reduction="sum") if self.world_size > 1 else t
@@ -365,16 +362,12 @@ class PPOTrainer:
                 ref_logits = self.roles.ref_logits(*args)
             ref_logprobs.append(core.logprobs_from_logits(ref_logits, response[s], cfg.temperature))
             del ref_logits
-            with self.accelerator.autocast():
-                if reuse:
-                    with torch.enable_grad():
-                        logits, v = self.model(*args)
-                        first_pass = (core.logprobs_from_logits(logits, response[s], cfg.temperature), v)
-                    logits, v, lp = logits.detach(), v.detach(), first_pass[0].detach()
-                else:
-                    logits, v = self.unwrapped(*args)
-            if not reuse:
+            with self.accelerator.autocast(), torch.set_grad_enabled(reuse):  # the wrapped (DDP) model trains
+                logits, v = (self.model if reuse else self.unwrapped)(*args)
                 lp = core.logprobs_from_logits(logits, response[s], cfg.temperature)
+            if reuse:
+                first_pass = (lp, v)
+                logits, v, lp = logits.detach(), v.detach(), lp.detach()
             logprobs.append(lp)
             entropy.append(torch.cat([core.entropy_from_logits(row.unsqueeze(0).float() / cfg.temperature)
                                       for row in logits]))
@@ -610,11 +603,7 @@ class PPOTrainer:
 
     def checkpoints(self) -> list[Path]:
         """Complete checkpoints, oldest first."""
-        if not self.checkpoint_dir.is_dir():
-            return []
-        found = [(int(m.group(1)), p) for p in self.checkpoint_dir.iterdir()
-                 if (m := _CHECKPOINT_DIR.match(p.name)) and (p / "trainer_state.json").is_file()]
-        return [p for _, p in sorted(found)]
+        return complete_checkpoints(self.checkpoint_dir)
 
     def resume(self):
         """Continue from the newest checkpoint, if any."""
