@@ -20,19 +20,20 @@ def cmd_run(args):
 def cmd_eval(args):
     from pathlib import Path
 
-    from align import evaluate
+    from align import data, evaluate
+    from align.functions import load_function
 
     if not (args.prompts or args.pairs or args.texts):
         raise AlignError("align eval: give at least one of --prompts, --pairs or --texts")
     policies = {p.rstrip("/").split("/")[-1]: p for p in args.policy}
     results = evaluate.evaluate(
         policies=policies,
-        prompts=[r["prompt"] for r in evaluate.read_rows(args.prompts, "prompt", "--prompts", args.limit)]
+        prompts=[r["prompt"] for r in data.read_rows(args.prompts, "prompt", "--prompts", args.limit)]
         if args.prompts else None,
-        pairs=evaluate.read_rows(args.pairs, "preference", "--pairs", args.limit) if args.pairs else None,
-        texts=[r["text"] for r in evaluate.read_rows(args.texts, "text", "--texts", args.limit)] if args.texts else None,
+        pairs=data.read_rows(args.pairs, "preference", "--pairs", args.limit) if args.pairs else None,
+        texts=[r["text"] for r in data.read_rows(args.texts, "text", "--texts", args.limit)] if args.texts else None,
         reward_model=args.reward_model, reference=args.reference,
-        judge=evaluate.load_function(args.judge, "--judge") if args.judge else None,
+        judge=load_function(args.judge, "--judge") if args.judge else None,
         max_new_tokens=args.max_new_tokens, seed=args.seed,
     )
     evaluate.write(results, Path(args.out))
@@ -81,12 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--max-new-tokens", type=int, default=256)
         p.add_argument("--seed", type=int, default=None)
         p.add_argument("--trust-remote-code", action="store_true")
-        p.set_defaults(func=_lazy("align.infer", f"{name}_command"))
+        p.set_defaults(func=_lazy("align.chat" if name == "chat" else "align.infer", f"{name}_command"))
 
     p = sub.add_parser("merge", help="merge a LoRA adapter into its base and save safetensors")
     p.add_argument("target", help="adapter folder, stage output or run folder")
     p.add_argument("--out", required=True, help="folder for the merged model")
-    p.set_defaults(func=_lazy("align.infer", "merge_command"))
+    p.set_defaults(func=_lazy("align.merge", "merge_command"))
 
     p = sub.add_parser("push", help="push an adapter (or merged model) with a model card to the Hub")
     p.add_argument("target", help="stage output or run folder")

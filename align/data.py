@@ -21,10 +21,9 @@ Each may be standard (strings) or conversational (lists of {role, content}).
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
-from align.errors import AlignError
+from align.errors import AlignError, first_line
 from align.recipe import check_keys
 
 SOURCE_KEYS = {"path", "name", "split", "columns", "format", "weight", "test_size", "data_files"}
@@ -98,8 +97,7 @@ def _load_source(source: dict, where: str):
     except PermissionError:
         raise AlignError(f"{where}.path: cannot read '{path}': permission denied") from None
     except Exception as e:  # datasets raises many types; the message is what the user needs
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise AlignError(f"{where}: cannot load '{path}' (split {split}): {msg}") from None
+        raise AlignError(f"{where}: cannot load '{path}' (split {split}): {first_line(e)}") from None
     if len(ds) == 0:
         raise AlignError(f"{where}.path: '{path}' (split {split}) has no rows")
     return ds
@@ -289,16 +287,11 @@ def texts_of(ds, limit: int | None = None):
                     yield m["content"]
 
 
-def write_jsonl_atomic(path: Path, rows):
-    """Write rows as JSON Lines through a temporary file next to `path`, then rename it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+def read_rows(spec, kind: str, where: str, limit: int | None = None) -> list[dict]:
+    """Rows of a dataset block (or a plain path) as dicts, e.g. held-out prompts or pairs."""
+    if isinstance(spec, str):
+        spec = {"path": spec}
+    ds, _ = load(spec, kind, where)
+    if limit:
+        ds = ds.select(range(min(limit, len(ds))))
+    return [dict(r) for r in ds]

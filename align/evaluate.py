@@ -6,7 +6,6 @@ and a table of sample generations. `align eval` and the `eval` stage both call `
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
 from pathlib import Path
@@ -14,16 +13,8 @@ from pathlib import Path
 import torch
 
 from align import infer
-from align.errors import AlignError
-
-
-def load_function(spec: str, where: str):
-    """`module:function` -> the function (a gold judge or a reward function)."""
-    module_name, _, name = spec.partition(":")
-    try:
-        return getattr(importlib.import_module(module_name), name)
-    except (ImportError, AttributeError, ValueError):
-        raise AlignError(f"{where}: cannot import '{spec}'; expected module:function on the Python path") from None
+from align.markdown import table
+from align.rundir import write_atomic
 
 
 @torch.no_grad()
@@ -147,39 +138,18 @@ def markdown(results: dict) -> str:
     """The eval table, reward-model accuracy and sample generations as markdown."""
     policies = results["policies"]
     cols = [c for c in COLUMNS if any(c[0] in m for m in policies.values())]
-    lines = ["| policy | " + " | ".join(c[1] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
-    for name, m in policies.items():
-        lines.append(f"| {name} | " + " | ".join(c[2].format(m[c[0]]) if c[0] in m else "" for c in cols) + " |")
+    lines = table(["policy"] + [c[1] for c in cols],
+                  [[name] + [c[2].format(m[c[0]]) if c[0] in m else "" for c in cols] for name, m in policies.items()])
     if "reward_model" in results:
         rm = results["reward_model"]
         lines += ["", f"Reward model: pair accuracy {rm['pair_accuracy']:.3f}, mean margin {rm['mean_margin']:.3f}"]
     if results["samples"]:
-        names = list(policies)
-        lines += ["", "| prompt | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
-        for s in results["samples"]:
-            lines.append("| " + " | ".join(_cell(s.get(k, "")) for k in ["prompt"] + names) + " |")
+        names = ["prompt"] + list(policies)
+        lines += ["", *table(names, [[s.get(k, "") for k in names] for s in results["samples"]], limit=80)]
     return "\n".join(lines) + "\n"
-
-
-def _cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")[:80]
 
 
 def write(results: dict, out_dir: Path):
     out_dir.mkdir(parents=True, exist_ok=True)
-    from align.run import write_atomic
-
     write_atomic(out_dir / "eval.json", json.dumps(results, indent=2))
     write_atomic(out_dir / "eval.md", markdown(results))
-
-
-def read_rows(spec, kind: str, where: str, limit: int | None = None):
-    """Rows of a dataset block (or a plain path) as dicts, e.g. held-out prompts or pairs."""
-    from align import data
-
-    if isinstance(spec, str):
-        spec = {"path": spec}
-    ds, _ = data.load(spec, kind, where)
-    if limit:
-        ds = ds.select(range(min(limit, len(ds))))
-    return [dict(r) for r in ds]

@@ -776,7 +776,8 @@ def push_model(stage_dir, *, repo_id: str, private: bool = False, merged: bool =
     The card is built from the resolved recipe (default: the run's recipe.yaml next to the stage
     folder), the stage's metrics.json and the run's eval results. With `merged`, an adapter is
     merged into its base in a temporary folder first and that full model is pushed."""
-    from align import infer, models
+    from align import models
+    from align.merge import merge_adapter
 
     stage_dir = Path(stage_dir)
     if not stage_dir.is_dir():
@@ -806,7 +807,7 @@ def push_model(stage_dir, *, repo_id: str, private: bool = False, merged: bool =
         return card_and_push(stage_dir)
     with tempfile.TemporaryDirectory(prefix="align-push-", ignore_cleanup_errors=True) as tmp:
         folder = Path(tmp) / stage_dir.name  # the card finds this stage by the folder name
-        infer.merge_adapter(stage_dir, folder)
+        merge_adapter(stage_dir, folder)
         if models.is_adapter(folder):  # pragma: no cover - merge_adapter writes a full model
             raise AlignError(f"push: merging {stage_dir} did not produce a full model")
         return card_and_push(folder)
@@ -830,9 +831,9 @@ def push_stage(recipe, stage, *, repo_id: str, private: bool = False, merged: bo
 
 def push_command(args):
     """`align push TARGET --repo-id ID [--private] [--merged]`; TARGET: stage output or run folder."""
-    from align import infer
+    from align.rundir import resolve_target
 
-    path = Path(infer.resolve_target(args.target))
+    path = Path(resolve_target(args.target))
     if not path.is_dir():
         raise AlignError(f"{args.target}: no such folder (push takes a stage output or run folder)")
     url = push_model(path, repo_id=args.repo_id, private=args.private, merged=args.merged)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from align.errors import AlignError
+from align.errors import AlignError, first_line
 
 # ChatML-style turns. `{% generation %}` marks assistant tokens so TRL can train on them only
 # (assistant_only_loss), and `<|im_end|>` ends every turn: it is the EOS token, so the model learns
@@ -255,8 +255,3 @@ def init_model(model_fields: dict, tokenizer):
         **fields,
     )
     return LlamaForCausalLM(config)
-
-
-def first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__

@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 from typing import Any, Iterable, Mapping, Sequence
 
-from align.errors import AlignError
+from align.errors import AlignError, first_line
 
 __all__ = [
     "PlanError",
@@ -1050,11 +1050,11 @@ DEFAULT_SEQ_LEN = 1024
 #: Prompt tokens assumed for PPO when ``max_prompt_length`` is unset.
 PPO_PROMPT_LEN = 256
 
-_TRAIN_TYPES = ("pretrain", "sft", "reward", "dpo")
-_ONLINE_TYPES = ("rloo", "grpo")  # TRL's critic-free online trainers
-_PAIR_TYPES = ("reward", "dpo")  # every example is two sequences (chosen and rejected)
-_POLICY_TYPES = ("init", "pretrain", "sft", "dpo", "ppo", "rloo", "grpo")
-_MODEL_OUTPUT_TYPES = _POLICY_TYPES + ("reward",)  # stages whose folder will hold a model
+
+
+def _holds_model(stage) -> bool:
+    """Whether the stage's folder will hold a model (a later stage may start from it)."""
+    return stage.traits.produces in ("policy", "reward_model")
 
 __all__ += ["plan_recipe", "plan_text", "plan_command", "default_flops_per_second", "dataset_rows"]
 
@@ -1080,11 +1080,6 @@ def _on_gpu() -> bool:
         return torch.cuda.is_available()
     except Exception:  # noqa: BLE001
         return False
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__
 
 
 def _file_rows(path) -> int | None:
@@ -1210,7 +1205,7 @@ class _Configs:
             try:
                 base = json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"]
             except (OSError, ValueError, KeyError) as e:
-                note = f"unreadable adapter_config.json in '{path}': {_first_line(e)}"
+                note = f"unreadable adapter_config.json in '{path}': {first_line(e)}"
             else:
                 config, note = self.get(base, depth + 1)
         elif key in self.future:
@@ -1237,7 +1232,7 @@ class _Configs:
             return AutoConfig.from_pretrained(path, **kwargs), None
         except Exception as e:  # noqa: BLE001  (offline, gated, missing...)
             what = "Hub config" if hub else "config"
-            return None, f"cannot read the {what} of '{path}' (offline?): {_first_line(e)}"
+            return None, f"cannot read the {what} of '{path}' (offline?): {first_line(e)}"
 
 
 def init_config(stage):
@@ -1253,9 +1248,7 @@ def init_config(stage):
 
 
 def _start_model(stage, recipe) -> str:
-    from align.run import Context
-
-    return stage.options.get("model") or Context(recipe, None).default_model(stage)
+    return recipe.start_model(stage)
 
 
 def _score_params(config) -> int:
@@ -1354,8 +1347,8 @@ def plan_recipe(recipe, *, flops_per_second: float | None = None, world_size: in
         try:
             _plan_stage(stage, recipe, row, configs, known_rows, fps, world, mfu)
         except (AlignError, ValueError, TypeError, OSError, KeyError) as e:
-            row["notes"].append(f"not estimated: {_first_line(e)}")
-            if stage.type in _MODEL_OUTPUT_TYPES:
+            row["notes"].append(f"not estimated: {first_line(e)}")
+            if _holds_model(stage):
                 configs.future.setdefault(configs.key(stage.dir), None)
         rows.append(row)
     return rows
@@ -1389,7 +1382,7 @@ def _plan_stage(stage, recipe, row, configs, known_rows, fps, world, mfu):
     path = _start_model(stage, recipe)
     row["model"] = path
     config, note = configs.get(path)
-    if stage.type in _MODEL_OUTPUT_TYPES:
+    if _holds_model(stage):
         configs.future[configs.key(stage.dir)] = config
     if config is None:
         notes.append(note or f"no config for '{path}'")
@@ -1397,23 +1390,23 @@ def _plan_stage(stage, recipe, row, configs, known_rows, fps, world, mfu):
     if stage.type == "ppo":
         _plan_ppo(stage, recipe, row, configs, known_rows, config, fps, world, mfu)
         return
-    if stage.type in _ONLINE_TYPES:
+    if stage.traits.online:  # TRL's critic-free online trainers
         _plan_online(stage, recipe, row, configs, known_rows, config, fps, world, mfu)
         return
-    if stage.type not in _TRAIN_TYPES:
+    if stage.traits.data not in ("lm", "text", "preference"):
         notes.append(f"stage type '{stage.type}' is not estimated")
         return
 
     method, r, targets, dropout = _method(stage, config, notes)
-    if stage.type == "reward" and method == "full":  # a separate sequence classifier, not an adapter
+    if stage.traits.produces == "reward_model" and method == "full":  # a separate sequence classifier, not an adapter
         configs.future[configs.key(stage.dir)] = _seq_cls_config(config)
     batch = int(_arg(stage, "per_device_train_batch_size", 8))
     accum = int(_arg(stage, "gradient_accumulation_steps", 1))
     seq = int(_arg(stage, "max_length", DEFAULT_SEQ_LEN))
     gc = _gradient_checkpointing(stage)
     dtype = _dtype(recipe, stage)
-    pairs = stage.type in _PAIR_TYPES
-    head = "value" if stage.type == "reward" else "lm"
+    pairs = stage.traits.data == "preference"  # every example is two sequences (chosen and rejected)
+    head = "value" if stage.traits.produces == "reward_model" else "lm"
     n = _score_params(config) if head == "value" else count_parameters(config)["total"]
     row.update(method=method, r=r or None, target_modules=_target_label(targets) if r else None,
                batch_size=batch, grad_accum=accum, seq_len=seq, gradient_checkpointing=gc, dtype=dtype,

@@ -22,7 +22,6 @@ surfaces as "unknown field, did you mean ...".
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import enum
 import hashlib
 import json
@@ -34,7 +33,7 @@ from pathlib import Path
 
 import yaml
 
-from align.errors import AlignError
+from align.errors import AlignError, first_line, suggest
 
 TOP_LEVEL = {
     "name": "run name, shown in logs and model cards",
@@ -71,7 +70,7 @@ def parse_yaml(text: str, source: str = "<string>"):
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        problem = getattr(e, "problem", None) or first_line(e)
         raise AlignError(f"{source}{where}: invalid YAML: {problem}") from None
 
 
@@ -120,6 +119,11 @@ class Stage:
         """An instance of the stage's config class (TRL's SFTConfig, ...)."""
         return self.module.Config(**{**self.args, **extra})
 
+    @property
+    def traits(self):
+        """What the stage type is (align.stages.Traits): what it produces, what data it takes."""
+        return self.module.TRAITS
+
 
 @dataclasses.dataclass
 class Recipe:
@@ -136,6 +140,22 @@ class Recipe:
             if stage.name == name:
                 return stage
         raise AlignError(f"--stage {name}: no such stage; the recipe has {', '.join(s.name for s in self.stages)}")
+
+    def earlier(self, stage: Stage) -> list[Stage]:
+        return self.stages[: self.stages.index(stage)]
+
+    def start_model(self, stage: Stage) -> str:
+        """The model a stage starts from: its own `model:`, else the latest earlier stage that
+        produces a policy, else the recipe's `model`."""
+        if stage.options.get("model"):
+            return stage.options["model"]
+        for prev in reversed(self.earlier(stage)):
+            if prev.traits.produces == "policy":
+                return str(prev.dir)
+        if self.model.get("name_or_path"):
+            return self.model["name_or_path"]
+        raise AlignError(f"stages.{stage.name}.model: no model to start from; set the top-level `model:` "
+                         f"or `model: ${{stage}}` naming an earlier stage")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,11 +268,6 @@ def _digest(obj) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # Validation helpers
-
-
-def suggest(word: str, choices) -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    return f"; did you mean '{close[0]}'?" if close else ""
 
 
 def check_keys(block: dict, valid, *, where: str, kind: str = "key"):

@@ -18,20 +18,17 @@ canvas directly (no pyplot, no global backend switch) and every file is written 
 
 from __future__ import annotations
 
-import json
+import io
 import math
-import os
 import time
 from pathlib import Path
 
-from align.errors import AlignError
+from align.markdown import table
+from align.rundir import MARKER, METRICS, read_json, read_log_history, read_recipe, write_atomic
+from align.stages import TYPES, Traits, traits
 
 REPORT = "report.md"
 PLOTS = "plots"
-MARKER = ".align-complete.json"
-LOG_HISTORY = "log_history.jsonl"
-TRAINER_TYPES = ("pretrain", "sft", "reward", "dpo")
-RL_TYPES = ("ppo", "rloo", "grpo")
 
 # Curves of an RL stage: (title, keys tried in order). align's PPO writes the first key; the
 # others are the names TRL's RLOO/GRPO trainers log.
@@ -60,36 +57,6 @@ FINAL_ACCURACY_KEYS = ("eval_accuracy", "pair_accuracy", "pref_accuracies")
 # Reading a run folder
 
 
-def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def read_log_history(stage_dir: Path) -> list[dict]:
-    """The stage's per-step log: `log_history.jsonl`, else the newest checkpoint's
-    trainer_state.json (runs from before log_history.jsonl existed). Bad lines are skipped."""
-    path = stage_dir / LOG_HISTORY
-    if path.is_file():
-        rows = []
-        for line in path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(row, dict):
-                rows.append(row)
-        return rows
-    checkpoints = sorted((stage_dir / "checkpoints").glob("checkpoint-*"),
-                         key=lambda p: int(p.name.rsplit("-", 1)[-1]) if p.name.rsplit("-", 1)[-1].isdigit() else -1)
-    for ckpt in reversed(checkpoints):
-        state = _read_json(ckpt / "trainer_state.json")
-        if isinstance(state, dict) and isinstance(state.get("log_history"), list):
-            return [r for r in state["log_history"] if isinstance(r, dict)]
-    return []
-
-
 def _number(value) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
@@ -112,15 +79,12 @@ def series(history: list[dict], key: str) -> tuple[list[float], list[float]]:
 
 
 def _stages(run_dir: Path, recipe: dict) -> list[dict]:
-    stages = recipe.get("stages")
-    if not isinstance(stages, dict):
-        raise AlignError(f"{run_dir / 'recipe.yaml'}: no `stages` mapping; is this a run folder?")
     out = []
-    for name, block in stages.items():
+    for name, block in recipe["stages"].items():
         block = block if isinstance(block, dict) else {}
         folder = run_dir / str(name)
-        marker = _read_json(folder / MARKER)
-        metrics = _read_json(folder / "metrics.json")
+        marker = read_json(folder / MARKER)
+        metrics = read_json(folder / METRICS)
         if isinstance(marker, dict):
             status = "finished"
             if marker.get("finished"):
@@ -129,9 +93,13 @@ def _stages(run_dir: Path, recipe: dict) -> list[dict]:
             status = "incomplete"
         else:
             status = "not run"
+        kind = str(block.get("type", name))
+        stage_traits = traits(kind) if kind in TYPES else Traits()
         out.append({
             "name": str(name),
-            "type": str(block.get("type", name)),
+            "type": kind,
+            "online": stage_traits.online,  # RL curves rather than a loss curve
+            "pairs": stage_traits.data == "preference",  # pair accuracy
             "dir": folder,
             "status": status,
             "finished": isinstance(marker, dict),
@@ -162,20 +130,17 @@ def _integer_steps(ax):
 
 
 def _save(fig, path: Path):
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
-    try:
-        fig.tight_layout()
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png")
+    write_atomic(path, buffer.getvalue())
 
 
 def plot_loss(stages: list[dict], path: Path) -> bool:
     """Training loss per trainer stage (solid) and eval loss (dashed, markers) over steps."""
     lines = []
     for s in stages:
-        if s["type"] in RL_TYPES:
+        if s["online"]:
             continue
         train, evals = series(s["history"], "loss"), series(s["history"], "eval_loss")
         if train[0] or evals[0]:
@@ -203,7 +168,7 @@ def plot_accuracy(stages: list[dict], path: Path) -> bool:
     that only have a final number get a horizontal line, or, with no curves at all, a bar."""
     curves, finals = [], []
     for s in stages:
-        if s["type"] not in ("reward", "dpo"):
+        if not s["pairs"]:
             continue
         found = False
         for key in ACCURACY_KEYS:
@@ -325,24 +290,10 @@ def key_metrics(stage: dict, limit: int = 6) -> str:
     return ", ".join(parts)
 
 
-def _cell(text: str) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
-
-
 def write_report(run_dir) -> Path:
     """(Re)build `report.md` and `plots/*.png` in `run_dir`; returns the report's path."""
-    import yaml
-
     run_dir = Path(run_dir)
-    recipe_file = run_dir / "recipe.yaml"
-    if not recipe_file.is_file():
-        raise AlignError(f"'{run_dir}' is not a run folder: it has no recipe.yaml (run `align run RECIPE` first)")
-    try:
-        recipe = yaml.safe_load(recipe_file.read_text()) or {}
-    except (OSError, yaml.YAMLError) as e:
-        raise AlignError(f"{recipe_file}: cannot read: {str(e).splitlines()[0]}") from None
-    if not isinstance(recipe, dict):
-        raise AlignError(f"{recipe_file}: expected a mapping (name, stages, ...)")
+    recipe = read_recipe(run_dir)
     stages = _stages(run_dir, recipe)
     plots_dir = run_dir / PLOTS
     plots_dir.mkdir(parents=True, exist_ok=True)
@@ -356,10 +307,9 @@ def write_report(run_dir) -> Path:
 
     lines = [f"# Run report: {recipe.get('name', run_dir.name)}", "",
              f"Run folder `{run_dir}`, report written {time.strftime('%Y-%m-%d %H:%M:%S')}.", "",
-             "## Stages", "", "| stage | type | status | duration | key metrics |", "|---|---|---|---|---|"]
-    for s in stages:
-        lines.append(f"| {_cell(s['name'])} | {s['type']} | {s['status']} | "
-                     f"{_duration(s['metrics'].get('stage_seconds'))} | {_cell(key_metrics(s))} |")
+             "## Stages", "", *table(["stage", "type", "status", "duration", "key metrics"], [
+                 [s["name"], s["type"], s["status"], _duration(s["metrics"].get("stage_seconds")), key_metrics(s)]
+                 for s in stages])]
     total = sum(_number(s["metrics"].get("stage_seconds")) or 0.0 for s in stages)
     if total:
         lines += ["", f"Total stage time: {_duration(total)}."]
@@ -372,7 +322,7 @@ def write_report(run_dir) -> Path:
     if accuracy:
         figures += ["## Reward-model accuracy", "", f"![Preference accuracy]({accuracy})", ""]
     for s in stages:
-        if s["type"] in RL_TYPES or (s["type"] not in TRAINER_TYPES and rl_curves(s["history"])):
+        if s["online"]:
             rl = plot(f"{s['name']}_rl.png", plot_rl, s)
             if rl:
                 last = s["history"][-1] if s["history"] else {}
@@ -382,7 +332,7 @@ def write_report(run_dir) -> Path:
                 if summary:
                     figures += [f"Last step: {summary}.", ""]
     for s in stages:
-        results = _read_json(s["dir"] / "eval.json")
+        results = read_json(s["dir"] / "eval.json")
         eval_md = s["dir"] / "eval.md"
         if results is None and not eval_md.is_file():
             continue
@@ -400,8 +350,6 @@ def write_report(run_dir) -> Path:
     for old in plots_dir.glob("*.png"):  # plots of stages that no longer have data
         if old.name not in made:
             old.unlink(missing_ok=True)
-
-    from align.run import write_atomic
 
     path = run_dir / REPORT
     write_atomic(path, "\n".join(lines).rstrip() + "\n")

@@ -7,20 +7,15 @@ metrics and the resolved recipe, and all processes wait for it at each boundary.
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from align import rundir
 from align.errors import AlignError
+from align.functions import load_function, specs_of
 from align.recipe import Recipe, dump_yaml
-
-MARKER = ".align-complete.json"  # written last, atomically: the stage is finished
-CONFIG_HASH = ".align-config"  # written first: which config the partial contents belong to
-MODEL_STAGES = ("init", "pretrain", "sft", "dpo", "ppo", "rloo", "grpo")
 
 
 @dataclass
@@ -47,65 +42,17 @@ class Context:
     def wait(self):
         self.state.wait_for_everyone()
 
-    def default_model(self, stage) -> str:
-        """The latest earlier policy stage's output, else the recipe's `model`."""
-        earlier = self.recipe.stages[: self.recipe.stages.index(stage)]
-        for prev in reversed(earlier):
-            if prev.type in MODEL_STAGES:
-                return str(prev.dir)
-        if self.recipe.model.get("name_or_path"):
-            return self.recipe.model["name_or_path"]
-        raise AlignError(f"stages.{stage.name}.model: no model to start from; set the top-level `model:` "
-                         f"or `model: ${{stage}}` naming an earlier stage")
 
-
-def write_atomic(path: Path, text: str):
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def is_complete(stage) -> bool:
-    try:
-        return json.loads((stage.dir / MARKER).read_text()).get("hash") == stage.hash
-    except (OSError, ValueError):
-        return False
-
-
-def check_output_dir(path: Path, create: bool = True):
-    if not create:  # a dry run leaves no trace: check the nearest existing folder instead
-        existing = next(p for p in [path, *path.parents] if p.exists())
-        if not existing.is_dir() or not os.access(existing, os.W_OK):
-            raise AlignError(f"output_dir: cannot write to '{path}' ('{existing}' is not a writable folder)")
-        return
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".align-write-test{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise AlignError(f"output_dir: cannot write to '{path}': {e.strerror or e}") from None
-
-
-def _prepare_stage_dir(stage, ctx):
-    """Keep a partial stage's checkpoints only when they belong to the same config."""
-    hash_file = stage.dir / CONFIG_HASH
-    if stage.dir.exists():
-        old = hash_file.read_text().strip() if hash_file.exists() else None
-        if old != stage.hash:
-            shutil.rmtree(stage.dir)
-    (stage.dir).mkdir(parents=True, exist_ok=True)
-    (stage.dir / MARKER).unlink(missing_ok=True)
-    write_atomic(hash_file, stage.hash)
-
-
-def _preflight(recipe: Recipe, todo):
-    """Check every dataset that already exists now, before any compute is spent."""
+def _preflight(recipe: Recipe, todo, dry_run: bool):
+    """Check every dataset that already exists and import every named function now, before any
+    compute is spent (a dry run only checks their form: importing runs their module's code)."""
     from align import data
 
     produced = str(recipe.output_dir)
     for stage in todo:
-        kind = getattr(stage.module, "DATA_KIND", None)
+        for where, spec in [] if dry_run else specs_of(stage):
+            load_function(spec, where)
+        kind = stage.traits.data
         for key in ("dataset", "eval_dataset"):
             spec = stage.options.get(key)
             if not spec or kind is None:
@@ -128,15 +75,15 @@ def run(recipe: Recipe, only: str | None = None, dry_run: bool = False):
     if only:
         index = recipe.stages.index(selected[0])
         for prev in recipe.stages[:index]:
-            if not is_complete(prev):
+            if not rundir.is_complete(prev):
                 raise AlignError(f"--stage {only}: earlier stage '{prev.name}' is not finished; run the recipe "
                                  f"without --stage first")
-    todo = [s for s in selected if not is_complete(s)]
+    todo = [s for s in selected if not rundir.is_complete(s)]
     problem = None
     if ctx.is_main:
         try:
-            check_output_dir(recipe.output_dir, create=not dry_run)
-            _preflight(recipe, todo)
+            rundir.check_output_dir(recipe.output_dir, create=not dry_run)
+            _preflight(recipe, todo, dry_run)
         except AlignError as e:
             problem = str(e)
     if state.num_processes > 1:  # the other processes must stop too, not wait for the main one forever
@@ -154,7 +101,7 @@ def run(recipe: Recipe, only: str | None = None, dry_run: bool = False):
         ctx.log(plan.plan_text(recipe))
         return
     if ctx.is_main:
-        write_atomic(recipe.output_dir / "recipe.yaml", dump_yaml(recipe.resolved))
+        rundir.write_atomic(recipe.output_dir / rundir.RECIPE, dump_yaml(recipe.resolved))
     if not state.is_main_process:
         _quiet_workers()
 
@@ -163,7 +110,7 @@ def run(recipe: Recipe, only: str | None = None, dry_run: bool = False):
             ctx.log(f"= {stage.name:<10} finished earlier (config unchanged) -> {stage.dir}")
             continue
         if ctx.is_main:
-            _prepare_stage_dir(stage, ctx)
+            rundir.prepare_stage_dir(stage)
         ctx.wait()
         ctx.log(f"> {stage.name:<10} {stage.type} ...")
         set_seed(recipe.seed)
@@ -173,9 +120,7 @@ def run(recipe: Recipe, only: str | None = None, dry_run: bool = False):
         metrics["world_size"] = state.num_processes
         ctx.wait()
         if ctx.is_main:
-            write_atomic(stage.dir / "metrics.json", json.dumps(metrics, indent=2, default=float))
-            write_atomic(stage.dir / MARKER, json.dumps({"hash": stage.hash, "type": stage.type,
-                                                        "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}))
+            rundir.mark_complete(stage, metrics)
         ctx.wait()
         ctx.log(summary_line(stage, metrics))
         _push_if_asked(recipe, stage, ctx)
@@ -207,7 +152,7 @@ def _duration(seconds: float) -> str:
 def plan_text(recipe: Recipe) -> str:
     lines = [f"recipe '{recipe.name}' is valid; outputs in {recipe.output_dir}"]
     for stage in recipe.stages:
-        state = "finished" if is_complete(stage) else "to run"
+        state = "finished" if rundir.is_complete(stage) else "to run"
         model = stage.options.get("model", "")
         lines.append(f"  {stage.name:<10} {stage.type:<9} {state:<9} {model}")
     return "\n".join(lines)

@@ -62,7 +62,7 @@ import string
 from pathlib import Path
 from typing import Any, Sequence
 
-from align.data import write_jsonl_atomic
+from align.rundir import write_jsonl
 
 __all__ = [
     "TaskConfig",
@@ -513,6 +513,6 @@ def write_task(
     paths = {}
     for split, rows in build_task(config).items():
         path = out / FILE_NAMES[split]
-        write_jsonl_atomic(path, rows)
+        write_jsonl(path, rows)
         paths[split] = path
     return paths

@@ -5,19 +5,16 @@ its adapter settings, resume from the last checkpoint, and the final save.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
-import re
 from pathlib import Path
 
 import torch
 
-from align import models
-from align.errors import AlignError
-from align.recipe import check_keys, coerce, suggest
+from align import data, models, rundir
+from align.errors import AlignError, first_line, suggest
+from align.recipe import check_keys, coerce
 
-CHECKPOINTS = "checkpoints"
 TRAINING_OPTIONS = {"model", "dataset", "eval_dataset", "peft", "quantization"}
 
 
@@ -29,7 +26,7 @@ def trainer_config(stage, ctx, **stage_defaults):
     """
     on_gpu = torch.cuda.is_available()
     defaults = {
-        "output_dir": str(stage.dir / CHECKPOINTS),
+        "output_dir": str(stage.dir / rundir.CHECKPOINTS),
         "seed": ctx.seed,
         "report_to": "none",
         "save_strategy": "steps",
@@ -46,7 +43,7 @@ def trainer_config(stage, ctx, **stage_defaults):
     try:
         return stage.module.Config(**args)
     except (ValueError, TypeError) as e:
-        raise AlignError(f"stages.{stage.name}: {models.first_line(e)}") from None
+        raise AlignError(f"stages.{stage.name}: {first_line(e)}") from None
 
 
 def check_training_fields(stage):
@@ -135,12 +132,49 @@ def peft_config(block: dict, *, task_type: str, where: str):
     try:
         return cls(**fields)
     except (ValueError, TypeError) as e:
-        raise AlignError(f"{where}: {models.first_line(e)}") from None
+        raise AlignError(f"{where}: {first_line(e)}") from None
+
+
+def load_datasets(stage, ctx):
+    """(train, eval or None) for the stage's data kind; `eval_dataset` wins over `test_size`."""
+    where = f"stages.{stage.name}"
+    kind = stage.traits.data
+    train, evals = data.load(stage.options["dataset"], kind, f"{where}.dataset", ctx.seed)
+    if stage.options.get("eval_dataset"):
+        evals, _ = data.load(stage.options["eval_dataset"], kind, f"{where}.eval_dataset", ctx.seed)
+    return train, evals
+
+
+def build_trainer(stage, ctx, trainer_cls, *, kind: str = "causal-lm", defaults=None, **trainer_kwargs):
+    """What every TRL-trainer stage builds: `trainer_cls` on the stage's data, starting model
+    (`kind` "causal-lm" or "seq-cls"), tokenizer, peft config and TRL config.
+
+    `defaults` are stage-level config defaults (the recipe's fields still win), or a function of
+    the training set that returns them. With held-out data, evaluation runs every epoch."""
+    train, evals = load_datasets(stage, ctx)
+    model, tokenizer, peft = load_policy(stage, ctx, kind=kind)
+    config_defaults = {"eval_strategy": "epoch"} if evals is not None else {}
+    config_defaults.update((defaults(train) if callable(defaults) else defaults) or {})
+    return trainer_cls(
+        model=model,
+        args=trainer_config(stage, ctx, **config_defaults),
+        train_dataset=train,
+        eval_dataset=evals,
+        processing_class=tokenizer,
+        peft_config=peft,
+        **trainer_kwargs,
+    )
+
+
+def run_trainer(stage, ctx, trainer_cls, **build_kwargs) -> dict:
+    """Build the stage's trainer, train it (resuming from its last checkpoint), save it, and
+    return its metrics."""
+    return train_and_save(build_trainer(stage, ctx, trainer_cls, **build_kwargs), stage, ctx)
 
 
 def load_policy(stage, ctx, kind: str = "causal-lm"):
     """The stage's starting model, k-bit-prepared when quantized, plus its tokenizer."""
-    path = stage.options.get("model") or ctx.default_model(stage)
+    path = ctx.recipe.start_model(stage)
     trust = bool(ctx.model.get("trust_remote_code", False))
     tokenizer = models.load_tokenizer(path, trust_remote_code=trust)
     with ctx.state.main_process_first():  # a merged adapter copy is written once, then read by all
@@ -160,33 +194,10 @@ def load_policy(stage, ctx, kind: str = "causal-lm"):
     return model, tokenizer, (peft_config(peft, task_type=task, where=f"stages.{stage.name}.peft") if peft else None)
 
 
-def complete_checkpoints(folder: Path) -> list[Path]:
-    """`checkpoint-N` folders, oldest first, whose `trainer_state.json` parses. transformers
-    (and align's PPO trainer) write it last, so a folder without a readable one was cut off
-    mid-save by a kill and is passed over; the run saves that step again when it gets there."""
-    if not folder.is_dir():
-        return []
-    found = sorted((int(m.group(1)), path) for path in folder.iterdir()
-                   if path.is_dir() and (m := re.fullmatch(r"checkpoint-(\d+)", path.name)))
-    complete = []
-    for _, path in found:
-        try:
-            json.loads((path / "trainer_state.json").read_text())
-        except (OSError, ValueError):
-            continue
-        complete.append(path)
-    return complete
-
-
-def last_checkpoint(stage) -> str | None:
-    found = complete_checkpoints(stage.dir / CHECKPOINTS)
-    return str(found[-1]) if found else None
-
-
 def train_and_save(trainer, stage, ctx) -> dict:
     """Train (resuming from the last checkpoint when there is one), save into the stage folder,
     and return the metrics: first/last training loss, steps, runtime, eval results."""
-    resume = last_checkpoint(stage)
+    resume = rundir.last_checkpoint(stage.dir)
     if resume:
         ctx.log(f"[{stage.name}] resuming from {Path(resume).name}")
     result = trainer.train(resume_from_checkpoint=resume)
@@ -203,25 +214,8 @@ def train_and_save(trainer, stage, ctx) -> dict:
         metrics.update({k: v for k, v in trainer.evaluate().items() if isinstance(v, (int, float))})
     trainer.save_model(str(stage.dir))
     if ctx.is_main:
-        write_log_history(trainer.state.log_history, stage.dir)
+        rundir.write_log_history(trainer.state.log_history, stage.dir)
         trainer.processing_class.save_pretrained(str(stage.dir))
         # A pickle of the arguments: not safetensors, and it can carry a hub_token.
         (stage.dir / "training_args.bin").unlink(missing_ok=True)
     return metrics
-
-
-LOG_HISTORY = "log_history.jsonl"
-
-
-def write_log_history(history: list[dict], stage_dir: Path):
-    """Every logged step (loss, eval metrics, ...) as JSON Lines, for `align report`: the
-    checkpoints' trainer_state.json may be pruned or never written (`save_strategy: "no"`)."""
-    import json
-    import os
-
-    path = Path(stage_dir) / LOG_HISTORY
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        for entry in history:
-            f.write(json.dumps(entry, default=float) + "\n")
-    os.replace(tmp, path)

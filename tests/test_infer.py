@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 
-from align import cli, infer, models
+from align import chat, cli, infer, models
 from conftest import REPO, run_align, write_jsonl, write_recipe
 
 QUANT = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": "float32"}
@@ -60,15 +60,15 @@ def test_chat_through_stdin(run_dir):
 
 def test_chat_keeps_history_resets_and_stops_at_end_of_turn(run_dir, monkeypatch):
     model, tokenizer = infer.load(str(run_dir))
-    seen, real = [], infer.chat_reply
+    seen, real = [], chat.chat_reply
 
     def spy(model, tokenizer, history, **kw):
         seen.append([m["role"] for m in history])
         return real(model, tokenizer, history, **kw)
 
-    monkeypatch.setattr(infer, "chat_reply", spy)
+    monkeypatch.setattr(chat, "chat_reply", spy)
     out = io.StringIO()
-    replies = infer.chat_loop(model, tokenizer, stdin=io.StringIO("reverse ab\nreverse cd\n/reset\nreverse ef\n"),
+    replies = chat.chat_loop(model, tokenizer, stdin=io.StringIO("reverse ab\nreverse cd\n/reset\nreverse ef\n"),
                               out=out, max_new_tokens=8)
     assert replies == 3
     assert seen == [["user"], ["user", "assistant", "user"], ["user"]]

@@ -136,7 +136,6 @@ def test_stop_strings_mask_after_the_string(tmp_path, tiny_model, data_dir):
     ({"reward_funcs": None}, "reward_model"),
     ({"per_device_train_batch_size": 6}, "per_device_train_batch_size"),
     ({"reward_funcs": "tests.rewards"}, "reward_funcs"),
-    ({"reward_funcs": "tests.rewards:nope"}, "reward_funcs"),
     ({"reward_weights": [1.0, 2.0]}, "reward_weights"),
     ({"kl_estimator": "k2"}, "kl_estimator"),
     ({"peft": {"method": "ia3"}}, "peft.method"),
@@ -148,6 +147,17 @@ def test_bad_recipes_fail_at_load_naming_the_field(tmp_path, data_dir, change, f
     block = {k: v for k, v in block.items() if v is not None}
     with pytest.raises(AlignError, match=rf"stages\.ppo\.{field}"):
         build_recipe({"name": "t", "output_dir": str(tmp_path), "model": "x", "stages": {"ppo": block}})
+
+
+def test_reward_functions_are_imported_before_training_not_at_dry_run(tmp_path, data_dir):
+    """`--dry-run` checks only the `module:function` form (importing runs the module's code); a
+    real run imports every named function before the first stage trains."""
+    block = {"dataset": {"path": str(data_dir / "prompts.jsonl")}, **FAST, "reward_funcs": "tests.rewards:nope"}
+    recipe = write_recipe(tmp_path / "r.yaml", tmp_path / "run", {"ppo": block}, model="some/model")
+    assert run_align(["run", recipe, "--dry-run"]).returncode == 0
+    result = run_align(["run", recipe])
+    assert result.returncode == 2 and "stages.ppo.reward_funcs: 'tests.rewards' has no function 'nope'" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "run" / "ppo").exists()
 
 
 def test_full_finetuning_learns_and_resumes_after_sigkill(tmp_path, tiny_model, data_dir):

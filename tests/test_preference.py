@@ -97,12 +97,14 @@ def test_dpo_with_lora_holds_one_base_model(tmp_path, pretrained_model, data_dir
 
     from align.recipe import load_recipe
     from align.run import Context
-    from align.stages import dpo
+    from trl import DPOTrainer
+
+    from align.training import build_trainer
 
     stage = {"model": str(pretrained_model), "dataset": {"path": str(data_dir / "prefs.jsonl")},
              "peft": {"r": 8}, "max_steps": 2, "per_device_train_batch_size": 8}
     recipe = load_recipe(write_recipe(tmp_path / "r.yaml", tmp_path / "run", {"dpo": stage}))
-    trainer = dpo.build_trainer(recipe.stage("dpo"), Context(recipe, PartialState()))
+    trainer = build_trainer(recipe.stage("dpo"), Context(recipe, PartialState()), DPOTrainer)
     from transformers import AutoModelForCausalLM
 
     base_params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(pretrained_model).parameters())

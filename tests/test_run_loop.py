@@ -9,7 +9,7 @@ import sys
 import time
 
 from conftest import REPO, read_metrics, run_align, write_recipe
-from align.run import MARKER
+from align.rundir import MARKER
 
 
 def _stages(tiny_model, data_dir, sft_steps=20):
@@ -83,9 +83,8 @@ def test_stage_version_change_reruns_it(tmp_path, monkeypatch):
 def test_resume_passes_over_a_checkpoint_cut_off_mid_save(tmp_path):
     """A kill while transformers writes checkpoint-N leaves a folder without trainer_state.json
     (written last): resuming must take the newest complete one, not crash on the partial one."""
-    from types import SimpleNamespace
-
-    from align.training import CHECKPOINTS, last_checkpoint
+    
+    from align.rundir import CHECKPOINTS, last_checkpoint
 
     folder = tmp_path / CHECKPOINTS
     for step, state in ((10, '{"global_step": 10}'), (20, '{"global_step": 20}'), (30, None), (40, '{"glob')):
@@ -94,8 +93,8 @@ def test_resume_passes_over_a_checkpoint_cut_off_mid_save(tmp_path):
         if state is not None:
             (folder / f"checkpoint-{step}" / "trainer_state.json").write_text(state)
     (folder / "checkpoint-99.tmp").mkdir()
-    assert last_checkpoint(SimpleNamespace(dir=tmp_path)) == str(folder / "checkpoint-20")
-    assert last_checkpoint(SimpleNamespace(dir=tmp_path / "nothing")) is None
+    assert last_checkpoint(tmp_path) == str(folder / "checkpoint-20")
+    assert last_checkpoint(tmp_path / "nothing") is None
 
 
 def test_set_a_model_field_when_model_is_a_plain_id(tmp_path):

@@ -38,13 +38,11 @@ import numpy as np
 import torch
 
 from align.errors import AlignError
+from align.markdown import table
 from align.ppo import core
 from align.ppo.config import PPOConfig
 from align.ppo.roles import Roles
-from align.training import complete_checkpoints
-
-CHECKPOINTS = "checkpoints"
-LOG_FILE = "log_history.jsonl"
+from align.rundir import CHECKPOINTS, LOG_HISTORY, complete_checkpoints
 SAMPLES_FILE = "samples.md"
 
 
@@ -543,11 +541,11 @@ class PPOTrainer:
     def _write_log(self, record: dict):
         if self.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            with open(self.output_dir / LOG_FILE, "a") as f:
+            with open(self.output_dir / LOG_HISTORY, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
     def read_log(self) -> list[dict]:
-        path = self.output_dir / LOG_FILE
+        path = self.output_dir / LOG_HISTORY
         if not path.exists():
             return []
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -556,19 +554,13 @@ class PPOTrainer:
         if not self.is_main:
             return
 
-        def cell(text) -> str:
-            if isinstance(text, list):
-                text = " / ".join(f"{m.get('role')}: {m.get('content')}" for m in text)
-            return str(text).replace("|", "\\|").replace("\n", "\\n")
-
         n = min(self.config.num_sample_generations, len(batch.prompts))
-        lines = [f"## step {self.step}", "", "| prompt | response | reward |", "|---|---|---|"]
-        lines += [f"| {cell(batch.prompts[i])} | {cell(batch.completions[i])} | {batch.scores[i].item():.4f} |"
-                  for i in range(n)]
-        table = "\n".join(lines) + "\n\n"
+        lines = [f"## step {self.step}", "", *table(["prompt", "response", "reward"], [
+            [batch.prompts[i], batch.completions[i], f"{batch.scores[i].item():.4f}"] for i in range(n)])]
+        text = "\n".join(lines) + "\n\n"
         with open(self.output_dir / SAMPLES_FILE, "a") as f:
-            f.write(table)
-        self.log(table.rstrip())
+            f.write(text)
+        self.log(text.rstrip())
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -610,7 +602,7 @@ class PPOTrainer:
         found = self.checkpoints()
         if not found:
             if self.is_main:
-                (self.output_dir / LOG_FILE).unlink(missing_ok=True)
+                (self.output_dir / LOG_HISTORY).unlink(missing_ok=True)
                 (self.output_dir / SAMPLES_FILE).unlink(missing_ok=True)
             self.accelerator.wait_for_everyone()
             return
@@ -629,7 +621,7 @@ class PPOTrainer:
             _set_rng_state(torch.load(rng, map_location="cpu", weights_only=False))
         if self.is_main:  # drop log lines and sample tables of steps the checkpoint does not contain
             kept = [r for r in self.read_log() if r["step"] <= self.step]
-            (self.output_dir / LOG_FILE).write_text("".join(json.dumps(r) + "\n" for r in kept))
+            (self.output_dir / LOG_HISTORY).write_text("".join(json.dumps(r) + "\n" for r in kept))
             samples = self.output_dir / SAMPLES_FILE
             if samples.exists():
                 tables = re.split(r"(?m)^(?=## step \d+$)", samples.read_text())

@@ -7,34 +7,19 @@ are DPOConfig fields and pass through.
 from trl import DPOConfig as Config
 from trl import DPOTrainer
 
-from align.stages.sft import load_datasets
-from align.training import TRAINING_OPTIONS, check_training_fields, load_policy, train_and_save, trainer_config
+from align.stages import Traits
+from align.training import TRAINING_OPTIONS, check_training_fields, run_trainer
 
 OPTIONS = TRAINING_OPTIONS
-DATA_KIND = "preference"
+TRAITS = Traits(produces="policy", data="preference", chat=True)
 
 
 def validate(stage, model):
     check_training_fields(stage)
 
 
-def build_trainer(stage, ctx):
-    train, evals = load_datasets(stage, ctx, DATA_KIND)
-    model, tokenizer, peft_config = load_policy(stage, ctx)
-    return DPOTrainer(
-        model=model,
-        ref_model=None,
-        args=trainer_config(stage, ctx, **({"eval_strategy": "epoch"} if evals is not None else {})),
-        train_dataset=train,
-        eval_dataset=evals,
-        processing_class=tokenizer,
-        peft_config=peft_config,
-    )
-
-
 def run(stage, ctx):
-    trainer = build_trainer(stage, ctx)
-    metrics = train_and_save(trainer, stage, ctx)
+    metrics = run_trainer(stage, ctx, DPOTrainer)
     for key in ("eval_rewards/accuracies", "eval_rewards/margins"):
         if key in metrics:
             metrics[key.replace("eval_rewards/", "pref_")] = metrics[key]

@@ -11,11 +11,13 @@ the stage folder and prints the table.
 
 import dataclasses
 
-from align import evaluate
+from align import data, evaluate
 from align.errors import AlignError
+from align.functions import check_spec, load_function
+from align.stages import Traits
 
 OPTIONS = {"policies", "reward_model", "reference", "prompts", "pairs", "texts"}
-POLICY_TYPES = ("sft", "dpo", "ppo", "rloo", "grpo")
+TRAITS = Traits()
 
 
 @dataclasses.dataclass
@@ -30,17 +32,20 @@ class Config:
 def validate(stage, model):
     if not any(k in stage.options for k in ("prompts", "pairs", "texts")):
         raise AlignError(f"stages.{stage.name}: give at least one of prompts, pairs or texts")
+    if stage.args.get("judge") is not None:
+        check_spec(stage.args["judge"], f"stages.{stage.name}.judge")
 
 
 def run(stage, ctx):
     cfg = stage.config()
     where = f"stages.{stage.name}"
-    earlier = ctx.recipe.stages[: ctx.recipe.stages.index(stage)]
-    policies = stage.options.get("policies") or {s.name: str(s.dir) for s in earlier if s.type in POLICY_TYPES}
+    earlier = ctx.recipe.earlier(stage)
+    policies = stage.options.get("policies") or {s.name: str(s.dir) for s in earlier if s.traits.chat}
     if isinstance(policies, list):
         policies = {p.rstrip("/").split("/")[-1]: p for p in policies}
-    reward = stage.options.get("reward_model") or next((str(s.dir) for s in reversed(earlier) if s.type == "reward"), None)
-    reference = stage.options.get("reference") or next((str(s.dir) for s in earlier if s.type == "sft"), None)
+    reward = stage.options.get("reward_model") or next(
+        (str(s.dir) for s in reversed(earlier) if s.traits.produces == "reward_model"), None)
+    reference = stage.options.get("reference") or next((str(s.dir) for s in earlier if s.traits.chat), None)
     results = {}
     if ctx.is_main:  # generation for evaluation is cheap; one process does it
         results = evaluate.evaluate(
@@ -49,7 +54,7 @@ def run(stage, ctx):
             pairs=_rows(stage, "pairs", "preference", cfg.num_prompts),
             texts=[r["text"] for r in _rows(stage, "texts", "text", cfg.num_prompts) or []] or None,
             reward_model=reward, reference=reference,
-            judge=evaluate.load_function(cfg.judge, f"{where}.judge") if cfg.judge else None,
+            judge=load_function(cfg.judge, f"{where}.judge") if cfg.judge else None,
             max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, seed=ctx.seed, num_samples=cfg.num_samples,
         )
         evaluate.write(results, stage.dir)
@@ -63,5 +68,5 @@ def _rows(stage, key, kind, limit):
     spec = stage.options.get(key)
     if not spec:
         return None
-    rows = evaluate.read_rows(spec, kind, f"stages.{stage.name}.{key}", limit)
+    rows = data.read_rows(spec, kind, f"stages.{stage.name}.{key}", limit)
     return [r["prompt"] for r in rows] if kind == "prompt" else rows

@@ -5,7 +5,7 @@ from trl import GRPOConfig as Config  # noqa: F401  (the stage's fields)
 from trl import GRPOTrainer
 
 from align.stages import rloo
-from align.stages.rloo import DATA_KIND, OPTIONS  # noqa: F401
+from align.stages.rloo import OPTIONS, TRAITS  # noqa: F401
 
 
 def validate(stage, model):

@@ -8,8 +8,10 @@ import torch
 
 from align import data, models
 from align.errors import AlignError
+from align.stages import Traits
 
 OPTIONS = {"dataset"}
+TRAITS = Traits(produces="policy", data="any")
 
 
 @dataclasses.dataclass
@@ -39,7 +41,7 @@ def validate(stage, model):
 def run(stage, ctx):
     cfg = stage.config()
     # The tokenizer learns from whatever the data is: SFT, preference or prompt rows.
-    ds, _ = data.load(stage.options["dataset"], "any", f"stages.{stage.name}.dataset", ctx.seed)
+    ds, _ = data.load(stage.options["dataset"], TRAITS.data, f"stages.{stage.name}.dataset", ctx.seed)
     tokenizer = models.train_tokenizer(data.texts_of(ds, cfg.tokenizer_samples), cfg.vocab_size)
     torch.manual_seed(ctx.seed)
     sizes = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)

@@ -19,17 +19,17 @@ loadable like an SFT output; the critic in `critic/` (loadable as a reward model
 
 from __future__ import annotations
 
-import importlib
 import os
-import sys
 
 from align import data, models
-from align.errors import AlignError
+from align.errors import AlignError, first_line
+from align.functions import check_specs, load_function
+from align.stages import Traits
 from align.ppo.config import PPOConfig as Config  # noqa: F401  (the stage's config class)
 from align.training import check_training_fields, peft_config
 
 OPTIONS = {"model", "dataset", "peft", "quantization", "reward_model", "reward_funcs", "value_model"}
-DATA_KIND = "prompt"
+TRAITS = Traits(produces="policy", data="prompt", chat=True, online=True)
 
 
 def validate(stage, model):
@@ -38,12 +38,12 @@ def validate(stage, model):
     try:
         stage.config()
     except (ValueError, TypeError) as e:
-        raise AlignError(f"{where}.{models.first_line(e)}") from None
+        raise AlignError(f"{where}.{first_line(e)}") from None
     peft = stage.options.get("peft")
     if isinstance(peft, dict) and str(peft.get("method", "lora")).lower() != "lora":
         raise AlignError(f"{where}.peft.method: PPO shares one base model between its roles through LoRA "
                          f"adapters; use method: lora (got {peft['method']})")
-    specs = reward_func_specs(stage)
+    specs = check_specs(stage.options.get("reward_funcs"), f"{where}.reward_funcs")
     if stage.options.get("value_model") and stage.args.get("value_head_on_policy"):
         raise AlignError(f"{where}.value_model: with value_head_on_policy: true the critic is a head on the policy; "
                          f"remove value_model or set value_head_on_policy: false")
@@ -54,51 +54,11 @@ def validate(stage, model):
     if not stage.options.get("reward_model") and not specs:
         raise AlignError(f"{where}.reward_model: PPO needs a reward: set `reward_model: ${{reward}}` (a sequence "
                          f"classifier) and/or `reward_funcs: module:function`")
-    for spec in specs:
-        import_reward_func(spec, f"{where}.reward_funcs")
     weights = stage.args.get("reward_weights")
     sources = int(bool(stage.options.get("reward_model"))) + len(specs)
     if weights is not None and len(weights) != sources:
         raise AlignError(f"{where}.reward_weights: {len(weights)} weights for {sources} reward sources "
                          f"(reward_model first, then reward_funcs in order)")
-
-
-def reward_func_specs(stage) -> list[str]:
-    value = stage.options.get("reward_funcs")
-    if value is None:
-        return []
-    specs = [value] if isinstance(value, str) else value
-    if not isinstance(specs, list) or not all(isinstance(s, str) for s in specs):
-        raise AlignError(f"stages.{stage.name}.reward_funcs: expected 'module:function' or a list of them")
-    return specs
-
-
-def import_reward_func(spec: str, where: str):
-    """`package.module:function` -> the function."""
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise AlignError(f"{where}: '{spec}' is not 'module:function' (e.g. align.task:judge_reward)")
-    try:
-        module = _import(module_name)
-    except ImportError as e:
-        raise AlignError(f"{where}: cannot import '{module_name}': {models.first_line(e)}") from None
-    func = getattr(module, attr, None)
-    if not callable(func):
-        raise AlignError(f"{where}: '{module_name}' has no function '{attr}'")
-    return func
-
-
-def _import(module_name: str):
-    """Import a module, also from the current directory (the `align` console script does
-    not put it on sys.path, `python -m align` does)."""
-    try:
-        return importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        cwd = os.getcwd()
-        if e.name is None or not module_name.startswith(e.name) or cwd in sys.path or "" in sys.path:
-            raise
-        sys.path.append(cwd)
-        return importlib.import_module(module_name)
 
 
 def _accelerator():
@@ -124,13 +84,14 @@ def build_trainer(stage, ctx):
 
     where = f"stages.{stage.name}"
     config = stage.config()
-    train, _ = data.load(stage.options["dataset"], DATA_KIND, f"{where}.dataset", ctx.seed)
-    policy_path = stage.options.get("model") or ctx.default_model(stage)
+    train, _ = data.load(stage.options["dataset"], TRAITS.data, f"{where}.dataset", ctx.seed)
+    policy_path = ctx.recipe.start_model(stage)
     trust = bool(ctx.model.get("trust_remote_code", False))
     tokenizer = models.load_tokenizer(policy_path, trust_remote_code=trust)
     peft = stage.options.get("peft")
     lora = peft_config(peft, task_type="CAUSAL_LM", where=f"{where}.peft") if peft else None
-    funcs = {spec: import_reward_func(spec, f"{where}.reward_funcs") for spec in reward_func_specs(stage)}
+    funcs = {spec: load_function(spec, f"{where}.reward_funcs")
+             for spec in check_specs(stage.options.get("reward_funcs"), f"{where}.reward_funcs")}
     accelerator = _accelerator()
     with accelerator.main_process_first():  # a merged adapter copy is written once, then read by all
         roles = load_roles(

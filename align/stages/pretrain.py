@@ -1,10 +1,10 @@
 """Causal-LM training on raw text (a `text` column): warms an initialised model up before SFT
 and reports held-out perplexity. Same fields as SFTConfig."""
 
-from align.stages import sft
+from align.stages import Traits, sft
 from align.stages.sft import OPTIONS, Config  # noqa: F401  (the stage's config class and options)
 
-DATA_KIND = "text"
+TRAITS = Traits(produces="policy", data="text")
 
 
 def validate(stage, model):
@@ -12,4 +12,4 @@ def validate(stage, model):
 
 
 def run(stage, ctx):
-    return sft.run(stage, ctx, kind=DATA_KIND)
+    return sft.run(stage, ctx)

@@ -10,11 +10,11 @@ RLOO/GRPO trainers can use it unchanged.
 from trl import RewardConfig as Config
 from trl import RewardTrainer
 
-from align.stages.sft import load_datasets
-from align.training import TRAINING_OPTIONS, check_training_fields, load_policy, train_and_save, trainer_config
+from align.stages import Traits
+from align.training import TRAINING_OPTIONS, check_training_fields, run_trainer
 
 OPTIONS = TRAINING_OPTIONS
-DATA_KIND = "preference"
+TRAITS = Traits(produces="reward_model", data="preference")
 
 
 def validate(stage, model):
@@ -22,17 +22,7 @@ def validate(stage, model):
 
 
 def run(stage, ctx):
-    train, evals = load_datasets(stage, ctx, DATA_KIND)
-    model, tokenizer, peft_config = load_policy(stage, ctx, kind="seq-cls")
-    trainer = RewardTrainer(
-        model=model,
-        args=trainer_config(stage, ctx, **({"eval_strategy": "epoch"} if evals is not None else {})),
-        train_dataset=train,
-        eval_dataset=evals,
-        processing_class=tokenizer,
-        peft_config=peft_config,
-    )
-    metrics = train_and_save(trainer, stage, ctx)
+    metrics = run_trainer(stage, ctx, RewardTrainer, kind="seq-cls")
     # TRL logs pair accuracy and the mean chosen-rejected margin; name them for the report.
     if "eval_accuracy" in metrics:
         metrics["pair_accuracy"] = metrics["eval_accuracy"]

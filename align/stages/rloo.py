@@ -15,13 +15,14 @@ reward functions the PPO stage uses, and use the group as its own baseline.
 from trl import RLOOConfig as Config
 from trl import RLOOTrainer
 
-from align import evaluate, models
+from align import models
 from align.errors import AlignError
-from align.stages.sft import load_datasets
-from align.training import TRAINING_OPTIONS, check_training_fields, load_policy, train_and_save, trainer_config
+from align.functions import check_specs, load_function
+from align.stages import Traits
+from align.training import TRAINING_OPTIONS, build_trainer, check_training_fields, train_and_save
 
 OPTIONS = TRAINING_OPTIONS | {"reward_model", "reward_funcs"}
-DATA_KIND = "prompt"
+TRAITS = Traits(produces="policy", data="prompt", chat=True, online=True)
 
 
 def validate(stage, model):
@@ -29,6 +30,7 @@ def validate(stage, model):
     if not stage.options.get("reward_model") and not stage.options.get("reward_funcs"):
         raise AlignError(f"stages.{stage.name}: needs `reward_model:` (e.g. ${{reward}}) and/or "
                          f"`reward_funcs: [module:function]`")
+    check_specs(stage.options.get("reward_funcs"), f"stages.{stage.name}.reward_funcs")
 
 
 def reward_functions(stage, ctx):
@@ -40,27 +42,18 @@ def reward_functions(stage, ctx):
         funcs.append(models.load_model(path, kind="seq-cls", dtype=ctx.model.get("dtype", "auto"),
                                        trust_remote_code=trust))
         tokenizers.append(models.load_tokenizer(path, trust_remote_code=trust))
-    specs = stage.options.get("reward_funcs") or []
-    for spec in [specs] if isinstance(specs, str) else specs:
-        funcs.append(evaluate.load_function(spec, f"stages.{stage.name}.reward_funcs"))
+    where = f"stages.{stage.name}.reward_funcs"
+    for spec in check_specs(stage.options.get("reward_funcs"), where):
+        funcs.append(load_function(spec, where))
         tokenizers.append(None)
     return funcs, tokenizers
 
 
 def run_online(stage, ctx, trainer_cls):
-    train, evals = load_datasets(stage, ctx, DATA_KIND)
-    model, tokenizer, peft_config = load_policy(stage, ctx)
     funcs, reward_tokenizers = reward_functions(stage, ctx)
-    trainer = trainer_cls(
-        model=model,
-        reward_funcs=funcs,
-        args=trainer_config(stage, ctx),
-        train_dataset=train,
-        eval_dataset=evals,
-        processing_class=tokenizer,
-        reward_processing_classes=reward_tokenizers,
-        peft_config=peft_config,
-    )
+    # Evaluation stays off unless the recipe asks for it (`eval_strategy`).
+    trainer = build_trainer(stage, ctx, trainer_cls, defaults={"eval_strategy": "no"}, reward_funcs=funcs,
+                            reward_processing_classes=reward_tokenizers)
     metrics = train_and_save(trainer, stage, ctx)
     rewards = [e["reward"] for e in trainer.state.log_history if "reward" in e]
     if rewards:

@@ -5,9 +5,11 @@ prompts.jsonl, eval_prompts.jsonl, eval_prefs.jsonl. Later stages name them as
 import dataclasses
 
 from align import task
+from align.stages import Traits
 from align.task import TaskConfig as Config  # noqa: F401  (the stage's fields)
 
 OPTIONS: set = set()
+TRAITS = Traits(produces="data")
 VERSION = 2  # bump when align/task.py generates different rows for the same config
 
 

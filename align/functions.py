@@ -1,0 +1,73 @@
+"""User functions named `module:function` (reward functions, gold judges), for recipes and the
+command line alike.
+
+`check_spec` validates the form at recipe load without importing anything (importing runs the
+module's top-level code, which `--dry-run` and `align plan` must not do); `load_function`
+imports it when the stage runs. Modules are found on the Python path and in the current folder,
+whether align was started as `align` or as `python -m align` (only the latter puts the current
+folder on the path by itself).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+import sys
+
+from align.errors import AlignError, first_line
+
+SPEC = re.compile(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*")
+
+
+def check_spec(spec, where: str) -> str:
+    """`spec` if it has the form `package.module:function`, else a clear error."""
+    if not isinstance(spec, str) or not SPEC.fullmatch(spec):
+        raise AlignError(f"{where}: {spec!r} is not 'module:function' (e.g. align.task:judge_reward)")
+    return spec
+
+
+def check_specs(value, where: str) -> list[str]:
+    """One `module:function` or a list of them (None: none) -> the checked list."""
+    if value is None:
+        return []
+    specs = [value] if isinstance(value, str) else value
+    if not isinstance(specs, list):
+        raise AlignError(f"{where}: expected 'module:function' or a list of them")
+    return [check_spec(spec, where) for spec in specs]
+
+
+def specs_of(stage) -> list[tuple[str, str]]:
+    """(where, spec) of every function a stage names (`reward_funcs`, `judge`)."""
+    found = []
+    for key, value in (("reward_funcs", stage.options.get("reward_funcs")), ("judge", stage.args.get("judge"))):
+        where = f"stages.{stage.name}.{key}"
+        found += [(where, spec) for spec in check_specs(value, where)]
+    return found
+
+
+def load_function(spec: str, where: str):
+    """`package.module:function` -> the function."""
+    module_name, _, name = check_spec(spec, where).partition(":")
+    try:
+        module = _import(module_name)
+    except ImportError as e:
+        raise AlignError(f"{where}: cannot import '{module_name}': {first_line(e)}") from None
+    except Exception as e:  # noqa: BLE001  (the module's own top-level code failed)
+        raise AlignError(f"{where}: importing '{module_name}' failed: {type(e).__name__}: {first_line(e)}") from None
+    func = getattr(module, name, None)
+    if not callable(func):
+        raise AlignError(f"{where}: '{module_name}' has no function '{name}'")
+    return func
+
+
+def _import(module_name: str):
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        cwd = os.getcwd()
+        missing_is_ours = e.name is not None and module_name.split(".")[0] == e.name.split(".")[0]
+        if not missing_is_ours or cwd in sys.path or "" in sys.path:
+            raise
+        sys.path.append(cwd)
+        return importlib.import_module(module_name)
