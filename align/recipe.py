@@ -34,6 +34,7 @@ from pathlib import Path
 
 import yaml
 
+from align.card import redact_secrets
 from align.errors import AlignError
 
 TOP_LEVEL = {
@@ -314,8 +315,8 @@ def scrub(obj):
         return {k: ("***" if k in SECRET_KEYS and obj[k] else scrub(v)) for k, v in obj.items()}
     if isinstance(obj, list):
         return [scrub(v) for v in obj]
-    if isinstance(obj, str) and re.fullmatch(r"hf_[A-Za-z0-9]{20,}", obj):
-        return "***"
+    if isinstance(obj, str):
+        return redact_secrets(obj)  # also a token inside a longer value: `run_name: deploy-hf_...`
     return obj
 
 
