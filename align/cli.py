@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repo-id", required=True)
     p.add_argument("--private", action="store_true")
     p.add_argument("--merged", action="store_true", help="merge the adapter into its base first")
-    p.set_defaults(func=_lazy("align.hub", "push_command"))
+    p.set_defaults(func=_lazy("align.push", "push_command"))
 
     p = sub.add_parser("report", help="rebuild a run's report.md and plots")
     p.add_argument("run_dir", help="run folder (output_dir of a recipe)")

@@ -68,6 +68,7 @@ def load(spec, kind: str, where: str, seed: int = 42):
 def _load_source(source: dict, where: str):
     import datasets
 
+    datasets.disable_progress_bars()  # per-file bars bury the messages that matter (also when imported early)
     path = source.get("path")
     if not path or not isinstance(path, str):
         raise AlignError(f"{where}.path: required (a file, a folder or a Hub dataset id)")

@@ -34,6 +34,7 @@ from pathlib import Path
 import yaml
 
 from align.errors import AlignError, first_line, suggest
+from align.secrets import scrub
 
 TOP_LEVEL = {
     "name": "run name, shown in logs and model cards",
@@ -46,7 +47,6 @@ TOP_LEVEL = {
 MODEL_KEYS = {"name_or_path", "dtype", "trust_remote_code", "revision", "attn_implementation"}
 HUB_KEYS = {"repo_id", "stages", "private", "merged"}
 REF = re.compile(r"\$\{([A-Za-z0-9_.-]+)\}")
-SECRET_KEYS = {"hub_token", "token", "hf_token", "api_key", "password"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -321,17 +321,6 @@ def coerce(value, annotation, where: str):
                 pass
     names = " or ".join(t.__name__ for t in scalar)
     raise AlignError(f"{where}: expected {names}, got {value!r}")
-
-
-def scrub(obj):
-    """Drop secret-looking values (tokens) before a recipe is saved or shown."""
-    if isinstance(obj, dict):
-        return {k: ("***" if k in SECRET_KEYS and obj[k] else scrub(v)) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [scrub(v) for v in obj]
-    if isinstance(obj, str) and re.fullmatch(r"hf_[A-Za-z0-9]{20,}", obj):
-        return "***"
-    return obj
 
 
 def dump_yaml(obj) -> str:

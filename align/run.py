@@ -108,6 +108,7 @@ def run(recipe: Recipe, only: str | None = None, dry_run: bool = False):
     for stage in selected:
         if stage not in todo:
             ctx.log(f"= {stage.name:<10} finished earlier (config unchanged) -> {stage.dir}")
+            _push_if_asked(recipe, stage, ctx)  # a push that failed last time is retried
             continue
         if ctx.is_main:
             rundir.prepare_stage_dir(stage)
@@ -171,8 +172,7 @@ def _push_if_asked(recipe: Recipe, stage, ctx):
     hub = recipe.hub
     if not hub or stage.name not in hub.get("stages", []) or not ctx.is_main:
         return
-    from align import hub as hub_module
+    from align import push
 
-    hub_module.push_stage(recipe, stage, repo_id=hub["repo_id"], private=hub.get("private", False),
-                          merged=hub.get("merged", False))
-    print(f"  pushed {stage.name} to {hub['repo_id']}", file=sys.stderr)
+    push.push_stage(recipe, stage, repo_id=hub["repo_id"], private=hub.get("private", False),
+                    merged=hub.get("merged", False))

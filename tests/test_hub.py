@@ -1,9 +1,9 @@
-"""align.hub against a loopback fake Hub: the real huggingface_hub client speaks HTTP to
+"""align.push against a loopback fake Hub: the real huggingface_hub client speaks HTTP to
 tests/fake_hub.py, nothing in huggingface_hub is mocked.
 
 huggingface_hub copies several environment variables into ``huggingface_hub.constants`` at
 import time (HF_ENDPOINT, HF_HUB_OFFLINE, HF_HUB_DISABLE_XET, HF_TOKEN_PATH).  The fixture
-sets HF_ENDPOINT/HF_TOKEN in the environment *after* import (align.hub resolves the endpoint at
+sets HF_ENDPOINT/HF_TOKEN in the environment *after* import (align.push resolves the endpoint at
 call time, HF_TOKEN is read per request) and pins the import-time switches it depends on through
 ``monkeypatch.setattr(constants, ...)`` so a developer's login or an offline CI setting cannot
 leak into the tests.
@@ -11,150 +11,30 @@ leak into the tests.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import re
 import sys
+import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fake_hub import FakeHub  # noqa: E402
+from tiny_stages import NOT_MODEL_FILES, card_for, models, tree_hashes  # noqa: E402,F401
 
 from align.errors import AlignError  # noqa: E402
-from align.hub import HubPushError, build_model_card, push_folder, select_model_files  # noqa: E402
+from align.push import HubPushError, push_folder, select_model_files  # noqa: E402
 
 TOKEN = "hf_SeCrEtToKeN0123456789abcdefXYZ"
-RECIPE = """\
-name: tiny-run
-base_model: org/tiny-base
-stages:
-  - name: sft
-    type: sft
-    dataset: trl-lib/Capybara
-    learning_rate: 2.0e-4
-  - name: dpo
-    type: dpo
-    dataset: ./data/prefs.jsonl
-    beta: 0.1
-"""
-STAGES = [
-    {"name": "sft", "type": "sft", "dataset": "trl-lib/Capybara",
-     "hyperparameters": {"learning_rate": 2e-4, "epochs": 1, "lora_r": 4}},
-    {"name": "dpo", "type": "dpo", "dataset": "./data/prefs.jsonl", "beta": 0.1, "learning_rate": 5e-6},
-]
-NOT_MODEL_FILES = {"optimizer.pt", "scheduler.pt", "rng_state.pth", "training_args.bin", "trainer_state.json",
-                   "metrics.json", "optimizer.safetensors"}
 
 
-# --------------------------------------------------------------------------- helpers
-
-
-def tree_hashes(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def front_matter(card: str) -> dict:
-    assert card.startswith("---\n")
-    head, _, _ = card[4:].partition("\n---\n")
-    return yaml.safe_load(head)
-
-
-def python_block(card: str) -> str:
-    match = re.search(r"```python\n(.*?)\n```", card, re.S)
-    assert match, "no python block in card"
-    return match.group(1)
-
-
-def _tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = ["[UNK]", "[PAD]", "<s>", "</s>", "What", "is", "2", "+", "2?", "Answer:", "Question:", "4", "=",
-             "4.", "the", "a", "hello", "world"]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
-                                   bos_token="<s>", eos_token="</s>")
-
-
-def _tiny_config(num_labels: int | None = None):
-    from transformers import LlamaConfig
-
-    kwargs = {"num_labels": num_labels} if num_labels else {}
-    return LlamaConfig(vocab_size=18, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                       pad_token_id=1, bos_token_id=2, eos_token_id=3, **kwargs)
-
-
-def _training_junk(stage: Path) -> None:
-    """What a trainer leaves next to the model: none of it may reach the Hub."""
-    (stage / "metrics.json").write_text(json.dumps({"eval_loss": 1.2345, "eval_reward_margin": 0.5}))
-    for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth", "training_args.bin", "optimizer.safetensors"):
-        (stage / name).write_bytes(b"\x00training state " + name.encode())
-    (stage / "trainer_state.json").write_text(json.dumps({"global_step": 3}))
-    ckpt = stage / "checkpoints" / "checkpoint-3"
-    ckpt.mkdir(parents=True)
-    for name in ("adapter_model.safetensors", "optimizer.pt", "config.json"):
-        (ckpt / name).write_bytes(b"checkpoint " + name.encode())
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    """A run folder with four stage outputs made from a tiny real Llama (hidden 32, 2 layers)."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaForCausalLM, LlamaForSequenceClassification
-
-    torch.manual_seed(0)
-    root = tmp_path_factory.mktemp("run")
-    (root / "recipe.yaml").write_text(RECIPE)
-    tokenizer = _tokenizer()
-
-    base = root / "base"  # stands in for the Hub base model in the load snippets
-    LlamaForCausalLM(_tiny_config()).save_pretrained(base)
-    tokenizer.save_pretrained(base)
-
-    stages = {}
-    adapter = root / "sft"
-    lora = get_peft_model(LlamaForCausalLM(_tiny_config()),
-                          LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
-    lora.save_pretrained(adapter)
-    stages["adapter"] = adapter
-
-    full = root / "dpo"
-    LlamaForCausalLM(_tiny_config()).save_pretrained(full)
-    stages["full"] = full
-
-    reward_adapter = root / "reward"
-    lora_rm = get_peft_model(LlamaForSequenceClassification(_tiny_config(num_labels=1)),
-                             LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="SEQ_CLS"))
-    lora_rm.save_pretrained(reward_adapter)
-    stages["reward_adapter"] = reward_adapter
-
-    reward_full = root / "reward_merged"
-    LlamaForSequenceClassification(_tiny_config(num_labels=1)).save_pretrained(reward_full)
-    stages["reward_full"] = reward_full
-
-    for stage in stages.values():
-        tokenizer.save_pretrained(stage)
-        _training_junk(stage)
-    stages["root"] = root
-    stages["base"] = base
-    return stages
-
-
-@pytest.fixture
-def hub(monkeypatch, tmp_path):
+def _serve(monkeypatch, tmp_path, **options):
     """A started FakeHub; HF_ENDPOINT/HF_TOKEN point at it (set after huggingface_hub's import)."""
     from huggingface_hub import constants
 
-    server = FakeHub(token=TOKEN).start()
+    server = FakeHub(token=TOKEN, **options).start()
     monkeypatch.setenv("HF_ENDPOINT", server.url)
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
@@ -162,18 +42,26 @@ def hub(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
     monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    # Import-time copies of env vars: no saved login, not offline, no Xet.
+    # Import-time copies of env vars: no saved login, not offline, no Xet (this server speaks LFS).
     monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-saved-token"))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    return server
+
+
+@pytest.fixture
+def hub(monkeypatch, tmp_path):
+    server = _serve(monkeypatch, tmp_path)
     yield server
     server.stop()
 
 
-def card_for(stage: Path, *, repo_id: str = "tester/tiny", base_model: str | None = "org/tiny-base",
-             stages=STAGES, merged: bool = False) -> str:
-    return build_model_card(stage, repo_id=repo_id, base_model=base_model, stage_summaries=stages,
-                            metrics=None, recipe_text=(stage.parent / "recipe.yaml").read_text(), merged=merged)
+@pytest.fixture
+def lfs_hub(monkeypatch, tmp_path):
+    """Files of 10 kB or more go through the LFS batch API ("basic" transfer)."""
+    server = _serve(monkeypatch, tmp_path, lfs_threshold=10_000)
+    yield server
+    server.stop()
 
 
 # --------------------------------------------------------------------------- file selection
@@ -191,78 +79,6 @@ def test_selects_model_files_only(models, kind):
     assert {weights, config, "tokenizer.json", "tokenizer_config.json"} <= selected
 
 
-# --------------------------------------------------------------------------- model card
-
-
-def test_card_adapter(models):
-    card = card_for(models["adapter"])
-    meta = front_matter(card)
-    assert meta["library_name"] == "peft"
-    assert meta["base_model"] == "org/tiny-base"
-    assert meta["pipeline_tag"] == "text-generation"
-    assert meta["tags"][:4] == ["align", "trl", "sft", "dpo"] and "lora" in meta["tags"]
-    assert meta["datasets"] == ["trl-lib/Capybara"]  # the local jsonl is not a Hub dataset
-    for section in ("## Training procedure", "## Evaluation", "## How to use", "## Training recipe"):
-        assert section in card
-    assert "| 1 | sft | sft | trl-lib/Capybara | learning_rate=0.0002, epochs=1, lora_r=4 |" in card
-    assert "| 2 | dpo | dpo | ./data/prefs.jsonl | beta=0.1, learning_rate=5e-06 |" in card
-    assert "| eval_loss | 1.234 |" in card  # read from metrics.json when metrics=None
-    assert "```yaml\n" + RECIPE.rstrip() + "\n```" in card
-    code = python_block(card)
-    assert 'base_model_id = "org/tiny-base"' in code and 'adapter_id = "tester/tiny"' in code
-    assert "AutoModelForCausalLM.from_pretrained(base_model_id" in code
-    assert "PeftModel.from_pretrained(model, adapter_id)" in code
-    assert "AutoModelForSequenceClassification" not in code
-
-
-def test_card_full_model(models):
-    card = card_for(models["full"], merged=True, stages=STAGES[:1] + [{"name": "dpo", "type": "dpo"}])
-    meta = front_matter(card)
-    assert meta["library_name"] == "transformers"
-    assert meta["pipeline_tag"] == "text-generation"
-    assert "lora" not in meta["tags"]
-    assert "merged into the base weights" in card
-    code = python_block(card)
-    assert "peft" not in code.lower()
-    assert 'AutoModelForCausalLM.from_pretrained(model_id, dtype="auto")' in code
-
-
-@pytest.mark.parametrize("kind", ["reward_adapter", "reward_full"])
-def test_card_reward_model(models, kind):
-    stages = [{"name": "reward", "type": "reward", "dataset": "trl-lib/ultrafeedback_binarized"}]
-    card = card_for(models[kind], stages=stages, merged=kind == "reward_full")
-    meta = front_matter(card)
-    assert meta["pipeline_tag"] == "text-classification"
-    assert meta["library_name"] == ("peft" if kind == "reward_adapter" else "transformers")
-    assert "reward" in meta["tags"] and "reward-model" in meta["tags"]
-    code = python_block(card)
-    assert "AutoModelForSequenceClassification" in code and "AutoModelForCausalLM" not in code
-    assert ("PeftModel.from_pretrained" in code) == (kind == "reward_adapter")
-    assert "logits[0, 0]" in code
-
-
-def test_card_rejects_merged_adapter_only(models):
-    with pytest.raises(AlignError, match="merged=True"):
-        card_for(models["adapter"], merged=True)
-
-
-@pytest.mark.parametrize("kind", ["adapter", "full", "reward_adapter", "reward_full"])
-def test_card_load_snippet_runs(models, kind):
-    """The snippet really loads the model: run it with the repo id swapped for the local folder."""
-    stage = models[kind]
-    stages = [{"name": stage.name, "type": "reward" if "reward" in kind else "sft"}]
-    card = card_for(stage, repo_id="tester/tiny", base_model=str(models["base"]), stages=stages,
-                    merged=kind in ("full", "reward_full"))
-    assert "base_model" not in front_matter(card)  # a local path is not a Hub id
-    code = python_block(card).replace('"tester/tiny"', json.dumps(str(stage)))
-    namespace: dict = {}
-    exec(compile(code, f"<card snippet {kind}>", "exec"), namespace)  # noqa: S102
-    if "reward" in kind:
-        assert isinstance(namespace["score"], float)
-    else:
-        assert namespace["outputs"].shape[0] == 1
-
-
 # --------------------------------------------------------------------------- push
 
 
@@ -272,12 +88,13 @@ def test_push_adapter_exact_bytes(models, hub):
     stage = models["adapter"]
     before = tree_hashes(stage)
     card = card_for(stage)
-    assert constants.ENDPOINT != hub.url  # HF_ENDPOINT was set after import: align.hub resolves it itself
-    url = push_folder(stage, repo_id="tester/tiny-adapter", private=True, card_text=card)
+    assert constants.ENDPOINT != hub.url  # HF_ENDPOINT was set after import: align.push resolves it itself
+    info = push_folder(stage, repo_id="tester/tiny-adapter", private=True, card_text=card)
 
     repo = hub.repos["tester/tiny-adapter"]
     assert repo.private
-    assert url == f"{hub.url}/tester/tiny-adapter/commit/{repo.head}"
+    assert info.commit_url == f"{hub.url}/tester/tiny-adapter/commit/{repo.head}"
+    assert info.oid == repo.head and info.repo_url.repo_id == "tester/tiny-adapter"
     remote = hub.files("tester/tiny-adapter")
     # peft's save_pretrained leaves a boilerplate README.md: card_text replaces it on the Hub.
     expected = {p.name: p.read_bytes() for p in select_model_files(stage) if p.name != "README.md"}
@@ -316,13 +133,14 @@ def test_repush_unchanged_is_a_noop(models, hub):
     card = card_for(stage)
     first = push_folder(stage, repo_id="tester/again", card_text=card)
     second = push_folder(stage, repo_id="tester/again", card_text=card)
-    assert first == second
+    assert first.commit_url == second.commit_url and first.oid == second.oid
     assert hub.count("commit") == 1 and len(hub.repos["tester/again"].commits) == 1
 
 
 def test_plain_repo_name_goes_to_token_owner(models, hub):
-    push_folder(models["full"], repo_id="bare-name")
-    assert hub.count("whoami") == 1
+    info = push_folder(models["full"], repo_id="bare-name")
+    assert hub.count("whoami") == 0  # create_repo's answer names the namespace
+    assert info.repo_url.repo_id == "tester/bare-name"
     assert "model.safetensors" in hub.files("tester/bare-name")
 
 
@@ -333,7 +151,7 @@ def test_transient_failures_are_retried(models, hub, caplog, fault):
         hub.fail("commit", status=503, times=2)
     else:
         hub.drop("commit", times=2)
-    caplog.set_level(logging.INFO, logger="align.hub")
+    caplog.set_level(logging.INFO, logger="align.push")
     push_folder(stage, repo_id="tester/flaky", retries=3, backoff_s=0.01)
     assert hub.count("commit") == 3
     assert "adapter_model.safetensors" in hub.files("tester/flaky")
@@ -419,3 +237,42 @@ def test_refuses_files_that_contain_the_token(models, hub, tmp_path):
     with pytest.raises(HubPushError, match="model card"):
         push_folder(models["full"], repo_id="tester/leaky", card_text=f"---\n---\ntoken: {TOKEN}\n")
     assert hub.requests == []  # refused before anything was sent
+
+
+# --------------------------------------------------------------------------- retry bounds (issue 12)
+
+
+def test_cut_upload_is_not_retried_on_top_of_huggingface_hub(models, lfs_hub):
+    """A cut LFS upload was tried 48 times over 114 s: align retried the whole push around
+    huggingface_hub's own per-request retries. Now the upload is huggingface_hub's alone."""
+    lfs_hub.drop("lfs_upload")  # every upload connection is cut
+    start = time.monotonic()
+    with pytest.raises(HubPushError) as info:
+        push_folder(models["full"], repo_id="tester/cut", retries=3, backoff_s=0.01)
+    elapsed = time.monotonic() - start
+    assert 1 <= lfs_hub.count("lfs_upload") <= 6  # one huggingface_hub upload call: 1 try + its 5 retries
+    assert lfs_hub.count("create") == lfs_hub.count("preupload") == lfs_hub.count("lfs_batch") == 1
+    assert lfs_hub.count("commit") == 0
+    assert elapsed < 40  # huggingface_hub's own backoff (1+2+4+8+8 s), nothing on top
+    message = str(info.value)
+    assert "\n" not in message and "tester/cut" in message and "connection to" in message
+    assert info.value.attempts == 1
+
+
+def test_commit_retry_does_not_upload_again(models, lfs_hub):
+    lfs_hub.fail("commit", status=503, times=1)
+    info = push_folder(models["full"], repo_id="tester/recommit", backoff_s=0.01)
+    assert info.oid == lfs_hub.repos["tester/recommit"].head
+    assert lfs_hub.count("commit") == 2
+    assert lfs_hub.count("lfs_upload") == 1 and lfs_hub.count("preupload") == 1
+
+
+def test_retries_are_one_budget_for_the_whole_push(models, hub):
+    hub.fail("create", status=503, times=2)
+    hub.fail("commit", status=503, times=5)
+    with pytest.raises(HubPushError) as info:
+        push_folder(models["full"], repo_id="tester/budget", retries=3, backoff_s=0.01)
+    # 3 retries in all: two spent creating the repo, one left for the commit.
+    assert hub.count("create") == 3 and hub.count("commit") == 2
+    assert info.value.attempts == 2 and info.value.status == 503
+

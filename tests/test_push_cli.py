@@ -18,6 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import run_align, write_jsonl, write_recipe  # noqa: E402
 from fake_hub import FakeHub  # noqa: E402
 
+from align.errors import AlignError  # noqa: E402
+
 TOKEN = "hf_PuShSeCrEt0123456789abcdefXYZ"
 
 
@@ -129,7 +131,7 @@ def test_push_stage_from_recipe_object(run_dir, hub, monkeypatch, tmp_path):
     """push_stage, as the run loop calls it, in-process."""
     from huggingface_hub import constants
 
-    from align.hub import push_stage
+    from align.push import PUSH_RECORD, push_stage, read_push_record
     from align.recipe import load_recipe
 
     monkeypatch.setenv("HF_ENDPOINT", hub.url)
@@ -137,21 +139,37 @@ def test_push_stage_from_recipe_object(run_dir, hub, monkeypatch, tmp_path):
     monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-saved-token"))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     recipe = load_recipe(run_dir / "recipe.yaml")
-    url = push_stage(recipe, recipe.stage("sft"), repo_id="tester/from-stage", private=False, merged=False)
-    assert url.startswith(f"{hub.url}/tester/from-stage/commit/")
+    stage = recipe.stage("sft")
+    (stage.dir / PUSH_RECORD).unlink(missing_ok=True)
+    info = push_stage(recipe, stage, repo_id="tester/from-stage", private=False, merged=False)
+    assert info.commit_url.startswith(f"{hub.url}/tester/from-stage/commit/")
     assert "| eval/gold_score | 87.5 |" in hub.files("tester/from-stage")["README.md"].decode()
+    assert read_push_record(stage.dir) == {
+        "repo_id": "tester/from-stage", "commit": hub.repos["tester/from-stage"].head, "url": info.commit_url,
+        "stage_hash": stage.hash, "merged": False, "pushed": read_push_record(stage.dir)["pushed"]}
+    requests = len(hub.requests)
+    assert push_stage(recipe, stage, repo_id="tester/from-stage") is None  # the record says it is there
+    assert len(hub.requests) == requests
 
     hub.fail("commit", status=403)
-    with pytest.raises(Exception) as info:
-        push_stage(recipe, recipe.stage("sft"), repo_id="tester/denied", private=False, merged=False)
-    assert "HTTP 403" in str(info.value) and f"align push {run_dir / 'sft'} --repo-id tester/denied" in str(info.value)
+    with pytest.raises(AlignError) as info:
+        push_stage(recipe, stage, repo_id="tester/denied", private=False, merged=False)
+    message = str(info.value)
+    assert message.startswith("hub: pushing stage 'sft' to tester/denied failed: HTTP 403 Forbidden")
+    assert message.endswith("(the stage itself is finished; rerun to retry the push)") and "\n" not in message
+    assert read_push_record(stage.dir)["repo_id"] == "tester/from-stage"  # the failed push wrote nothing
+
+
+def init_recipe_pushed_to(tmp_path, repo_id: str):
+    """A one-stage recipe (a tiny `init` model, run folder tmp_path/run) whose `hub:` block pushes it."""
+    data = write_jsonl(tmp_path / "text.jsonl", ({"text": f"reverse {w} = {w[::-1]}"} for w in ["abc", "fed"] * 20))
+    return write_recipe(tmp_path / "r.yaml", tmp_path / "run", {"init": {
+        "dataset": {"path": str(data)}, "vocab_size": 300, "hidden_size": 32, "intermediate_size": 64,
+        "num_hidden_layers": 1, "num_attention_heads": 2}}, hub={"repo_id": repo_id, "stages": ["init"]})
 
 
 def test_recipe_hub_block_pushes_after_the_stage(tmp_path, hub):
-    data = write_jsonl(tmp_path / "text.jsonl", ({"text": f"reverse {w} = {w[::-1]}"} for w in ["abc", "fed"] * 20))
-    recipe = write_recipe(tmp_path / "r.yaml", tmp_path / "run", {"init": {
-        "dataset": {"path": str(data)}, "vocab_size": 300, "hidden_size": 32, "intermediate_size": 64,
-        "num_hidden_layers": 1, "num_attention_heads": 2}}, hub={"repo_id": "tester/from-run", "stages": ["init"]})
+    recipe = init_recipe_pushed_to(tmp_path, "tester/from-run")
     result = run_align(["run", recipe], env=hub_env(hub, tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
     remote = hub.files("tester/from-run")
@@ -161,6 +179,35 @@ def test_recipe_hub_block_pushes_after_the_stage(tmp_path, hub):
     assert "| 1 | init | init |" in card and "hidden_size=32" in card and "| parameters |" in card
     assert "pushed init to tester/from-run" in result.stderr
     assert_no_token(result, hub)
+
+
+def test_failed_hub_push_is_retried_on_rerun(tmp_path, hub):
+    """The stage stays finished when its push fails; the push record, written only after a
+    successful push, is what makes a rerun push it (without training it again)."""
+    recipe = init_recipe_pushed_to(tmp_path, "tester/retry-run")
+    stage = tmp_path / "run" / "init"
+    hub.fail("commit", status=503)
+    first = run_align(["run", recipe], env=hub_env(hub, tmp_path))
+    last = first.stderr.strip().splitlines()[-1]
+    assert first.returncode == 2, first.stderr[-3000:]
+    assert last.startswith("error: hub: pushing stage 'init' to tester/retry-run failed: HTTP 503 Service Unavailable")
+    assert last.endswith("(the stage itself is finished; rerun to retry the push)")
+    assert "Traceback" not in first.stderr
+    assert hub.count("commit") == 4  # 1 + 3 retries, then it gives up
+    assert (stage / ".align-complete.json").is_file() and not (stage / ".align-pushed.json").exists()
+    weights = (stage / "model.safetensors").stat().st_mtime_ns
+
+    hub.clear_faults()
+    second = run_align(["run", recipe], env=hub_env(hub, tmp_path))
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "init       finished earlier" in second.stdout
+    assert (stage / "model.safetensors").stat().st_mtime_ns == weights  # not trained again
+    record = json.loads((stage / ".align-pushed.json").read_text())
+    assert record["repo_id"] == "tester/retry-run" and record["commit"] == hub.repos["tester/retry-run"].head
+    assert "pushed init to tester/retry-run" in second.stderr
+    assert hub.files("tester/retry-run")["model.safetensors"] == (stage / "model.safetensors").read_bytes()
+    assert_no_token(first, hub)
+    assert_no_token(second, hub)
 
 
 def test_push_errors_are_one_line(run_dir, hub, tmp_path, capsys):
