@@ -119,7 +119,7 @@ def _accelerator():
 
 def build_trainer(stage, ctx):
     """Load data and models and build the PPOTrainer (without training)."""
-    from align.ppo.roles import LoadOptions, load_roles
+    from align.ppo.layouts import LoadOptions, load_roles
     from align.ppo.trainer import PPOTrainer
 
     where = f"stages.{stage.name}"
