@@ -101,26 +101,10 @@ def _import(module_name: str):
         return importlib.import_module(module_name)
 
 
-def _accelerator():
-    """An Accelerator over every launched process. On a machine without CUDA, a plain
-    PartialState() stays single-process even under `accelerate launch --multi_gpu`; the
-    processes must then talk over gloo, so the state is rebuilt with cpu=True (what TRL's
-    TrainingArguments do for the other stages)."""
-    import torch
-    from accelerate import Accelerator, PartialState
-    from accelerate.state import AcceleratorState
-
-    cpu = not torch.cuda.is_available()
-    if cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 and PartialState().num_processes == 1:
-        AcceleratorState._reset_state(reset_partial_state=True)
-        PartialState(cpu=True)
-    return Accelerator(cpu=cpu)
-
-
 def build_trainer(stage, ctx):
     """Load data and models and build the PPOTrainer (without training)."""
     from align.ppo.layouts import LoadOptions, load_roles
-    from align.ppo.trainer import PPOTrainer
+    from align.ppo.trainer import PPOTrainer, make_accelerator
 
     where = f"stages.{stage.name}"
     config = stage.config()
@@ -131,7 +115,7 @@ def build_trainer(stage, ctx):
     peft = stage.options.get("peft")
     lora = peft_config(peft, task_type="CAUSAL_LM", where=f"{where}.peft") if peft else None
     funcs = {spec: import_reward_func(spec, f"{where}.reward_funcs") for spec in reward_func_specs(stage)}
-    accelerator = _accelerator()
+    accelerator = make_accelerator(config, stage.dir)
     with accelerator.main_process_first():  # a merged adapter copy is written once, then read by all
         roles = load_roles(
             policy_path=policy_path, tokenizer=tokenizer, reward_path=stage.options.get("reward_model"),
