@@ -399,6 +399,18 @@ def test_report_to_trackers_get_every_step_and_the_bar_shows(tmp_path, tiny_mode
         assert [r[f"train/{key}"] for r in rows] == pytest.approx([r[key] for r in log]), key
 
 
+
+@pytest.mark.parametrize("disable", [False, True])
+def test_disable_tqdm_hides_the_progress_bar(tmp_path, tiny_model, data_dir, capsys, disable):
+    block = {"dataset": {"path": str(data_dir / "prompts.jsonl")}, **FAST, "num_train_steps": 1, "save_steps": 0,
+             "reward_funcs": "tests.rewards:letter_a", "disable_tqdm": disable}
+    trainer, _ = _build(tmp_path, tiny_model, block)
+    capsys.readouterr()
+    trainer.train()
+    out = capsys.readouterr()
+    assert ("ppo: 100%" in out.err) is not disable, out.err
+    assert "[ppo] step 1/1" in out.out
+
 def _wandb_history(path) -> list[dict]:
     """The history rows of an offline wandb run. wandb no longer ships a Python reader; its
     .wandb file is a LevelDB-style log: a 7-byte file header, then in 32 KiB blocks records
