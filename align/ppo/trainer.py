@@ -413,9 +413,10 @@ class PPOTrainer:
         if not self.is_main:
             return
         if self.accelerator.log_with:
-            names = {"trackio": {"name": self.config.run_name}, "wandb": {"name": self.config.run_name}}
+            run_name = {"name": self.config.run_name}  # accelerate passes the project as trackio's and wandb's
             self.accelerator.init_trackers(self.config.project, config=_hparams(self.config),
-                                           init_kwargs=names if self.config.run_name else None)
+                                           init_kwargs={"trackio": run_name, "wandb": run_name}
+                                           if self.config.run_name else None)
         if not self.config.disable_tqdm:
             from tqdm.auto import tqdm
 
