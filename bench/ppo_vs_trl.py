@@ -154,6 +154,7 @@ def align_child(spec: dict):
     torch.set_num_threads(spec["threads"])
     import align.ppo.trainer as ppo_trainer
     import align.run
+    from align.ppo.rollout import Sampler
     from align.recipe import build_recipe
 
     phases = Phases()
@@ -169,7 +170,7 @@ def align_child(spec: dict):
         return write_log(self, record)
 
     cls.train, cls._write_log = timed_train, marked_write_log
-    phases.wrap(cls, "generate", "generate")
+    phases.wrap(Sampler, "generate", "generate")
     phases.wrap(cls, "rollout", "rollout")
     phases.wrap(cls, "ppo_update", "update")
     stage = {"model": spec["policy"], "dataset": {"path": spec["prompts"]}, "reward_model": spec["reward"],

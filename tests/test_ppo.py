@@ -18,7 +18,7 @@ from align import models
 from align.errors import AlignError
 from align.ppo import core
 from align.ppo.roles import backbone
-from align.ppo.trainer import position_ids_from
+from align.ppo.rollout import position_ids_from
 from align.recipe import build_recipe
 from conftest import REPO, read_metrics, run_align, write_recipe
 
@@ -87,7 +87,7 @@ def test_lora_one_base_model_ratio_one_and_step_count(tmp_path, tiny_model, data
     assert len(held) == len(_base_linear_weights([plain])) > 0
     adapters = set(roles.actor_critic.policy.peft_config)
     assert adapters == {"default", "critic", "reward"}, adapters
-    assert trainer.sources == ["reward_model", "tests.rewards:letter_a"]
+    assert trainer.rewards.sources == ["reward_model", "tests.rewards:letter_a"]
 
     metrics = trainer.train()
     trainer.save(stage.dir)
@@ -125,7 +125,7 @@ def test_stop_strings_mask_after_the_string(tmp_path, tiny_model, data_dir):
     ids = torch.tensor([r + [tok.pad_token_id] * (width - len(r)) for r in rows])
     ids[1, len(rows[1]):] = tok.eos_token_id  # row 2 ends with EOS
     ids = torch.cat([ids, torch.full((2, 1), tok.eos_token_id)], 1)
-    mask, has_stop = trainer.stop_mask(ids)
+    mask, has_stop = trainer.sampler.stop_mask(ids)
     assert has_stop.tolist() == [True, True]
     first = tok.decode(ids[0][mask[0]])
     assert first.endswith("ba") and "ee" not in first
@@ -140,6 +140,8 @@ def test_stop_strings_mask_after_the_string(tmp_path, tiny_model, data_dir):
     ({"kl_estimator": "k2"}, "kl_estimator"),
     ({"peft": {"method": "ia3"}}, "peft.method"),
     ({"value_head_on_policy": True, "value_model": "some/critic"}, "value_model"),
+    ({"bf16": True, "fp16": True}, "bf16"),
+    ({"report_to": ["tensorboard", "nosuch"]}, "report_to"),
 ])
 def test_bad_recipes_fail_at_load_naming_the_field(tmp_path, data_dir, change, field):
     block = {"dataset": {"path": str(data_dir / "prompts.jsonl")}, **FAST, "reward_funcs": "tests.rewards:letter_a",
@@ -214,7 +216,7 @@ def test_ppo_reward_score_matches_the_reward_model_as_evaluated(tmp_path, tiny_m
     trainer, _ = _build(tmp_path, tiny_model, block)
     prompts = [[{"role": "user", "content": "reverse abc"}], [{"role": "user", "content": "reverse fed"}]]
     completions = ["cba", "I do not know"]
-    ppo_scores = trainer._reward_model_scores(prompts, completions)
+    ppo_scores = trainer.rewards.reward_model_scores(prompts, completions)
     rm = models.load_model(str(reward), kind="seq-cls", dtype="float32").eval()
     expected = evaluate.reward_scores(rm, models.load_tokenizer(str(reward)), prompts, completions)
     assert torch.allclose(ppo_scores.cpu(), torch.tensor(expected), atol=1e-4), (ppo_scores, expected)
@@ -352,9 +354,96 @@ def test_qlora_one_4bit_base_and_generation_keeps_gradients(tmp_path, tiny_model
         return {n: p.grad.clone() for n, p in ac.named_parameters() if p.grad is not None}
 
     before = gradients()
-    query, query_mask = trainer.encode_prompts(trainer.prompts_for_step(0))
-    trainer.generate(query, query_mask)
+    query, query_mask = trainer.sampler.encode(trainer.prompts_for_step(0))
+    trainer.sampler.generate(query, query_mask)
     after = gradients()
     assert before.keys() == after.keys() and len(before) > 0
     for name in before:
         assert torch.allclose(before[name], after[name], atol=1e-6), name
+
+
+def test_report_to_trackers_get_every_step_and_the_bar_shows(tmp_path, tiny_model, data_dir):
+    """`report_to` as in TrainingArguments: every step's record reaches TensorBoard (under
+    checkpoints/runs/<date>_<host>, where the other stages write theirs), trackio's local store
+    and an offline wandb run, as `train/<key>`. The main process shows a progress bar and still
+    prints its lines."""
+    block = {"dataset": {"path": str(data_dir / "prompts.jsonl")}, **FAST, "num_train_steps": 2, "save_steps": 0,
+             "reward_funcs": "tests.rewards:letter_a", "report_to": ["tensorboard", "trackio", "wandb"],
+             "run_name": "tiny-ppo", "project": "align-test"}
+    recipe = write_recipe(tmp_path / "r.yaml", tmp_path / "run", {"ppo": block}, model=str(tiny_model))
+    # Local stores only: trackio without a Space, wandb offline; nothing outside tmp_path.
+    wandb_dir = str(tmp_path / "wandb")
+    env = {"TRACKIO_DIR": str(tmp_path / "trackio"), "WANDB_MODE": "offline", "WANDB_SILENT": "true",
+           "WANDB_DIR": wandb_dir, "WANDB_CACHE_DIR": wandb_dir, "WANDB_CONFIG_DIR": wandb_dir,
+           "WANDB_DATA_DIR": wandb_dir}
+    result = run_align(["run", recipe], check=True, env=env)
+    stage = tmp_path / "run" / "ppo"
+    log = [json.loads(line) for line in (stage / "log_history.jsonl").read_text().splitlines()]
+    keys = ["reward", "kl", "entropy", "policy_loss", "value_loss", "clipfrac", "approx_kl", "lr"]
+    assert "[ppo] step 2/2" in result.stdout
+    assert "ppo: 100%" in result.stderr and "2/2" in result.stderr, result.stderr[-2000:]
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (run_dir,) = (stage / "checkpoints" / "runs").iterdir()
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    for key in keys:
+        scalars = events.Scalars(f"train/{key}")
+        assert [e.step for e in scalars] == [1, 2], key
+        assert [e.value for e in scalars] == pytest.approx([r[key] for r in log], rel=1e-5, abs=1e-7), key
+
+    read = ("import json; from trackio.sqlite_storage import SQLiteStorage; "
+            "print(json.dumps(SQLiteStorage.get_logs('align-test', 'tiny-ppo'), default=str))")
+    out = subprocess.run([sys.executable, "-c", read], capture_output=True, text=True, check=True,
+                         env={**os.environ, **env, "HF_HUB_OFFLINE": "1"})
+    rows = json.loads(out.stdout.strip().splitlines()[-1])
+    assert [r["step"] for r in rows] == [1, 2], rows
+    for key in keys:
+        assert [r[f"train/{key}"] for r in rows] == pytest.approx([r[key] for r in log]), key
+
+    (wandb_file,) = (tmp_path / "wandb").glob("wandb/offline-run-*/run-*.wandb")
+    rows = _wandb_history(wandb_file)
+    assert [r["_step"] for r in rows] == [1, 2], rows
+    for key in keys:
+        assert [r[f"train/{key}"] for r in rows] == pytest.approx([r[key] for r in log]), key
+
+
+
+@pytest.mark.parametrize("disable", [False, True])
+def test_disable_tqdm_hides_the_progress_bar(tmp_path, tiny_model, data_dir, capsys, disable):
+    block = {"dataset": {"path": str(data_dir / "prompts.jsonl")}, **FAST, "num_train_steps": 1, "save_steps": 0,
+             "reward_funcs": "tests.rewards:letter_a", "disable_tqdm": disable}
+    trainer, _ = _build(tmp_path, tiny_model, block)
+    capsys.readouterr()
+    trainer.train()
+    out = capsys.readouterr()
+    assert ("ppo: 100%" in out.err) is not disable, out.err
+    assert "[ppo] step 1/1" in out.out
+
+def _wandb_history(path) -> list[dict]:
+    """The history rows of an offline wandb run. wandb no longer ships a Python reader; its
+    .wandb file is a LevelDB-style log: a 7-byte file header, then in 32 KiB blocks records
+    with a 7-byte header (crc32, length u16, type: 1 whole, 2 first, 3 middle, 4 last part)
+    whose payloads are protobuf `Record`s."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data, pos, payload, rows = path.read_bytes(), 7, b"", []
+    while pos + 7 <= len(data):
+        if 32768 - pos % 32768 < 7:  # a block's tail too short for a header is padding
+            pos += 32768 - pos % 32768
+            continue
+        length, kind = struct.unpack_from("<HB", data, pos + 4)
+        if kind == 0:
+            break
+        payload += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record.FromString(payload)
+            payload = b""
+            if record.WhichOneof("record_type") == "history":
+                rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                             for item in record.history.item})
+    return rows

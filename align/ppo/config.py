@@ -9,6 +9,8 @@ References for the defaults:
 * [Huang24]     Huang et al. 2024, "The N+ Implementation Details of RLHF with PPO".
 * [TRL]         TRL's PPOConfig (the trainer TRL shipped until v0.x), itself modelled on
                 lm-human-preferences.
+* [TrainingArguments]  transformers' TrainingArguments: the same field with the same meaning
+                as in the TRL stages.
 
 A recipe stage block sets any of these fields verbatim:
 
@@ -133,14 +135,37 @@ class PPOConfig:
     """Write a checkpoint every this many steps (0 never)."""
     save_total_limit: int = 2
     """Checkpoints kept (the newest ones)."""
+    bf16: bool | None = None
+    """bfloat16 mixed precision: accelerate autocasts every forward pass (the weights keep the
+    model's `dtype`) [TrainingArguments]. Unset: on with CUDA unless fp16 is set, off without
+    CUDA (align's default for every stage; TRL's is on)."""
+    fp16: bool = False
+    """float16 mixed precision, with loss scaling [TrainingArguments]."""
+
+    # ------------------------------------------------------------------ logging
     logging_steps: int = 1
     """Print a progress line every this many steps (log_history.jsonl gets every step)."""
+    report_to: str | list[str] = "none"
+    """Trackers that also get every step's record, through accelerate: "none", "all" (every
+    installed one), a name ("tensorboard", "trackio", "wandb", ...) or a list of names
+    [TrainingArguments; align: none]. TensorBoard writes to checkpoints/runs/<date>_<host>,
+    as the other stages do."""
+    run_name: str | None = None
+    """The run's name in trackio and wandb [TrainingArguments]."""
+    project: str = "huggingface"
+    """The trackio and wandb project [TrainingArguments: huggingface]."""
+    disable_tqdm: bool = False
+    """No progress bar (there is one on the main process only) [TrainingArguments]."""
     sample_generations_every: int = 10
     """Add a table of sample generations to samples.md every this many steps (0 never)."""
     num_sample_generations: int = 4
     """Rows in each sample table."""
 
     def __post_init__(self):
+        if self.bf16 is None:  # align's default for TRL stages (align.training.trainer_config)
+            import torch
+
+            self.bf16 = torch.cuda.is_available() and not self.fp16
         self.check()
 
     def check(self):
@@ -187,11 +212,41 @@ class PPOConfig:
                 not isinstance(self.reward_weights, list)
                 or not all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in self.reward_weights)):
             raise ValueError(f"reward_weights: expected a list of numbers, got {self.reward_weights!r}")
+        if self.bf16 and self.fp16:
+            raise ValueError("bf16: bf16 and fp16 are both true; choose one mixed precision (set the other false)")
+        self.trackers()
         from transformers import SchedulerType
 
         names = [s.value for s in SchedulerType]
         if self.lr_scheduler_type not in names:
             raise ValueError(f"lr_scheduler_type: unknown scheduler {self.lr_scheduler_type!r} (one of {', '.join(names)})")
+
+    @property
+    def mixed_precision(self) -> str | None:
+        """accelerate's `mixed_precision`; None leaves it to `accelerate launch` (its config or
+        --mixed_precision), as TrainingArguments do."""
+        return "bf16" if self.bf16 else "fp16" if self.fp16 else None
+
+    def trackers(self) -> list[str]:
+        """`report_to` as tracker names, read as TrainingArguments read it ("none": none, "all":
+        every installed tracker accelerate supports). ValueError for an unknown or missing one."""
+        names = [self.report_to] if isinstance(self.report_to, str) else self.report_to
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise ValueError(f"report_to: expected a tracker name or a list of them, got {self.report_to!r}")
+        if names in ([], ["none"]):
+            return []
+        from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
+
+        installed = [str(t) for t in get_available_trackers()]
+        if names == ["all"]:
+            return installed
+        for name in names:
+            if name not in LOGGER_TYPE_TO_CLASS:
+                raise ValueError(f"report_to: unknown tracker {name!r} (one of none, all, "
+                                 f"{', '.join(LOGGER_TYPE_TO_CLASS)})")
+            if name not in installed:
+                raise ValueError(f"report_to: {name} is not installed (pip install {name})")
+        return list(dict.fromkeys(names))
 
     @property
     def micro_batch_size(self) -> int:

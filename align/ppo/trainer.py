@@ -16,9 +16,10 @@ One training *step* is:
 3. KL controller update, scheduler step, logging (``log_history.jsonl``), sample tables
    (``samples.md``) and checkpoints (``checkpoints/checkpoint-N``).
 
-The math lives in :mod:`align.ppo.core`; the networks and their memory layout in
-:mod:`align.ppo.roles`. Runs under ``accelerate launch``: policy + critic are one DDP
-module, rollouts use the unwrapped module, metrics are averaged over processes.
+The math lives in :mod:`align.ppo.core`; sampling and rewards in :mod:`align.ppo.rollout`;
+the networks in :mod:`align.ppo.roles` (built by :mod:`align.ppo.layouts`). Runs under
+``accelerate launch``: policy + critic are one DDP module, rollouts use the unwrapped module,
+metrics are averaged over processes.
 """
 
 from __future__ import annotations
@@ -42,40 +43,37 @@ from align.markdown import table
 from align.ppo import core
 from align.ppo.config import PPOConfig
 from align.ppo.roles import Roles
+from align.ppo.rollout import Rewards, Rollout, Sampler, chunks, position_ids_from
 from align.rundir import CHECKPOINTS, LOG_HISTORY, complete_checkpoints
 SAMPLES_FILE = "samples.md"
 
 
-@dataclasses.dataclass
-class Rollout:
-    """One rollout batch on this process. Tensors are (B, P) for the prompt, (B, T) for the
-    response; everything after the first stop token is padding (``mask`` false)."""
+def make_accelerator(config: PPOConfig, output_dir):
+    """An Accelerator over every launched process, with the config's mixed precision and trackers.
 
-    prompts: list
-    completions: list[str]
-    input_ids: torch.Tensor  # (B, P + T) prompt (left-padded) + response (pad after stop)
-    attention_mask: torch.Tensor  # (B, P + T) long
-    position_ids: torch.Tensor  # (B, P + T)
-    response: torch.Tensor  # (B, T)
-    mask: torch.Tensor  # (B, T) bool
-    has_stop: torch.Tensor  # (B,) bool
-    logprobs: torch.Tensor
-    ref_logprobs: torch.Tensor
-    values: torch.Tensor
-    scores: torch.Tensor  # (B,) after the missing-EOS penalty
-    raw_scores: torch.Tensor  # (B,) weighted reward before the penalty
-    source_scores: dict[str, torch.Tensor]
-    rewards: torch.Tensor
-    kl: torch.Tensor
-    advantages: torch.Tensor
-    returns: torch.Tensor
-    entropy: torch.Tensor  # (B, T)
-    first_pass: tuple[torch.Tensor, torch.Tensor] | None = None  # (log-probs, values) with their graph
+    On a machine without CUDA a plain PartialState() stays single-process even under
+    `accelerate launch --multi_gpu`; the processes must then talk over gloo, so the state is
+    rebuilt with cpu=True (what TRL's TrainingArguments do for the other stages). The
+    AcceleratorState an earlier stage left is reset, as TrainingArguments do: its mixed
+    precision would be kept, or a different one refused.
+    """
+    from accelerate import Accelerator, PartialState
+    from accelerate.state import AcceleratorState
+    from accelerate.tracking import TensorBoardTracker
+    from transformers.integrations.integration_utils import default_logdir
 
-
-def position_ids_from(mask: torch.Tensor) -> torch.Tensor:
-    """Positions counted over real tokens, as `generate` does for left-padded prompts."""
-    return (mask.long().cumsum(-1) - 1).clamp_min(0)
+    cpu = not torch.cuda.is_available()
+    if cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 and PartialState().num_processes == 1:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        PartialState(cpu=True)
+    AcceleratorState._reset_state()
+    # TensorBoard goes where transformers puts it for the other stages, whose output_dir is the
+    # checkpoint folder: checkpoints/runs/<date>_<host>. accelerate would name the folder after
+    # the project, which trackio and wandb need as their project.
+    checkpoints = Path(output_dir) / CHECKPOINTS
+    trackers = [TensorBoardTracker(default_logdir(), checkpoints) if name == "tensorboard" else name
+                for name in config.trackers()]
+    return Accelerator(cpu=cpu, mixed_precision=config.mixed_precision, log_with=trackers, project_dir=checkpoints)
 
 
 class PPOTrainer:
@@ -83,7 +81,7 @@ class PPOTrainer:
 
     Args:
         config: the PPOConfig.
-        roles: policy / reference / critic / reward, from ``align.ppo.roles.load_roles``.
+        roles: policy / reference / critic / reward, from ``align.ppo.layouts.load_roles``.
         tokenizer: the policy's tokenizer (with a pad token and, for chat prompts, a
             chat template).
         train_dataset: rows with a ``prompt`` column: text, or a list of chat messages.
@@ -96,31 +94,20 @@ class PPOTrainer:
 
     def __init__(self, config: PPOConfig, roles: Roles, tokenizer, train_dataset, *, output_dir,
                  reward_funcs: dict | None = None, accelerator=None, log=print, seed: int = 42):
-        from accelerate import Accelerator
-        from transformers import GenerationConfig, get_scheduler, set_seed
+        from transformers import get_scheduler, set_seed
 
         self.config = config
         self.roles = roles
         self.tokenizer = tokenizer
         self.dataset = train_dataset
         self.output_dir = Path(output_dir)
-        self.reward_funcs = dict(reward_funcs or {})
-        self.accelerator = accelerator or Accelerator()
+        self.accelerator = accelerator or make_accelerator(config, self.output_dir)
         self.world_size = self.accelerator.num_processes
         self.rank = self.accelerator.process_index
         self.is_main = self.accelerator.is_main_process
         self._log = log
+        self.bar = None  # the progress bar while train() runs (main process)
         self.seed = config.seed if config.seed is not None else seed
-
-        # Reward sources and their weights: reward model first, then functions in order.
-        self.sources = (["reward_model"] if roles.has_reward_model else []) + list(self.reward_funcs)
-        if not self.sources:
-            raise AlignError("reward_model: PPO needs a reward: set `reward_model:` and/or `reward_funcs:`")
-        weights = config.reward_weights or [1.0] * len(self.sources)
-        if len(weights) != len(self.sources):
-            raise AlignError(f"reward_weights: {len(weights)} weights for {len(self.sources)} reward sources "
-                             f"({', '.join(self.sources)})")
-        self.weights = [float(w) for w in weights]
 
         # Step budget: one step = one global rollout batch.
         self.global_batch = config.per_device_train_batch_size * self.world_size
@@ -156,13 +143,9 @@ class PPOTrainer:
         self.kl_ctl = (core.AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon)
                        if config.adaptive_kl else core.FixedKLController(config.kl_coef))
 
-        # Sampling exactly from softmax(logits / T): no top-k, no top-p, nothing inherited
-        # from the checkpoint's generation_config (see ActorCritic.generate).
-        self.stop_ids = sorted(self._stop_token_ids())
-        self.generation_config = GenerationConfig(
-            max_new_tokens=config.response_length, min_new_tokens=0, do_sample=True, temperature=config.temperature,
-            top_k=0, top_p=1.0, eos_token_id=self.stop_ids, pad_token_id=tokenizer.pad_token_id,
-            stop_strings=config.stop_strings, use_cache=True)
+        # Rollout helpers: sampling with stop rules, and the reward of each response.
+        self.sampler = Sampler(config, tokenizer, self.unwrapped, self.device)
+        self.rewards = Rewards(config, roles, tokenizer, reward_funcs or {}, self.accelerator)
 
         # Model initialisation (identical on every process) is done; sampling noise now differs
         # per process. A resumed run restores these generators from its checkpoint.
@@ -176,23 +159,16 @@ class PPOTrainer:
     # ------------------------------------------------------------------ small utilities
 
     def log(self, message: str):
-        if self.is_main and self._log is not None:
+        if not self.is_main or self._log is None:
+            return
+        if self.bar is None:
             self._log(message)
+        else:
+            with self.bar.external_write_mode():  # clear the bar, print, redraw it below
+                self._log(message)
 
     def _count_optimizer_step(self, optimizer, args, kwargs):
         self.optimizer_steps += 1
-
-    def _stop_token_ids(self) -> set[int]:
-        ids = set()
-        lm = self.roles.actor_critic.lm
-        for source in (self.tokenizer.eos_token_id, getattr(lm.generation_config, "eos_token_id", None)):
-            if isinstance(source, int):
-                ids.add(source)
-            elif isinstance(source, (list, tuple)):
-                ids.update(int(i) for i in source)
-        if not ids:
-            raise AlignError("model: the tokenizer has no eos_token; PPO needs one to end responses")
-        return ids
 
     def _sum_all(self, t: torch.Tensor) -> torch.Tensor:
         return self.accelerator.reduce(t, reduction="sum") if self.world_size > 1 else t
@@ -219,124 +195,14 @@ class PPOTrainer:
             rows.append(self.dataset[int(self._perms[epoch][pos])]["prompt"])
         return rows
 
-    def encode_prompts(self, prompts: list) -> tuple[torch.Tensor, torch.Tensor]:
-        """Chat prompts through the chat template (with the generation prompt); text as is.
-        Left-padded, so every response starts at the same column."""
-        tok = self.tokenizer
-        encoded = []
-        for prompt in prompts:
-            if isinstance(prompt, list):
-                text = tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
-                ids = tok(text, add_special_tokens=False)["input_ids"]
-            else:
-                ids = tok(prompt)["input_ids"]
-            if self.config.max_prompt_length:
-                ids = ids[-self.config.max_prompt_length:]
-            if not ids:
-                raise AlignError(f"dataset: empty prompt {prompt!r}")
-            encoded.append(ids)
-        width = max(len(ids) for ids in encoded)
-        input_ids = torch.full((len(encoded), width), tok.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(encoded), width), dtype=torch.long)
-        for i, ids in enumerate(encoded):
-            input_ids[i, width - len(ids):] = torch.tensor(ids)
-            mask[i, width - len(ids):] = 1
-        return input_ids.to(self.device), mask.to(self.device)
-
     # ------------------------------------------------------------------ rollout
-
-    @torch.no_grad()
-    def generate(self, query: torch.Tensor, query_mask: torch.Tensor) -> torch.Tensor:
-        extra = {"tokenizer": self.tokenizer} if self.config.stop_strings else {}
-        out = self.unwrapped.generate(input_ids=query, attention_mask=query_mask,
-                                      generation_config=self.generation_config, **extra)
-        return out[:, query.shape[1]:]
-
-    def stop_mask(self, response: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mask, has_stop): real tokens up to and including the first EOS or stop string."""
-        mask, has_stop = core.response_mask_after_stop(response, self.stop_ids)
-        if self.config.stop_strings:
-            ends = self._stop_string_ends(response, mask)
-            found = ends >= 0
-            cols = torch.arange(response.shape[1], device=response.device)
-            mask = mask & (~found.unsqueeze(1) | (cols.unsqueeze(0) <= ends.unsqueeze(1)))
-            has_stop = has_stop | found
-        return mask, has_stop
-
-    def _stop_string_ends(self, response: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Index of the token that completes the first stop string in each row, else -1.
-        "The decoded prefix contains a stop string" is monotone in the prefix length, so a
-        binary search needs only log2(T) decodes per row."""
-        ends = []
-        for ids, row_mask in zip(response.tolist(), mask.tolist()):
-            n = sum(row_mask)
-            hit = lambda k: any(s in self.tokenizer.decode(ids[:k]) for s in self.config.stop_strings)  # noqa: E731
-            if n == 0 or not hit(n):
-                ends.append(-1)
-                continue
-            lo, hi = 1, n
-            while lo < hi:
-                mid = (lo + hi) // 2
-                lo, hi = (lo, mid) if hit(mid) else (mid + 1, hi)
-            ends.append(lo - 1)
-        return torch.tensor(ends, dtype=torch.long, device=response.device)
-
-    def _chunks(self, n: int):
-        size = self.config.rollout_forward_batch_size or n
-        return [slice(i, min(i + size, n)) for i in range(0, n, size)]
-
-    @torch.no_grad()
-    def score(self, prompts, completions, response, mask):
-        """Weighted reward of every response -> (scores (B,), {source: scores})."""
-        per_source = {}
-        if self.roles.has_reward_model:
-            per_source["reward_model"] = self._reward_model_scores(prompts, completions)
-        for name, func in self.reward_funcs.items():
-            if isinstance(prompts[0], list):
-                comps = [[{"role": "assistant", "content": c}] for c in completions]
-            else:
-                comps = completions
-            ids = [row[m].tolist() for row, m in zip(response, mask)]
-            values = func(prompts=prompts, completions=comps, completion_ids=ids)
-            if values is None or len(values) != len(prompts):
-                raise AlignError(f"reward_funcs: {name} returned {0 if values is None else len(values)} rewards "
-                                 f"for {len(prompts)} completions")
-            per_source[name] = torch.tensor([math.nan if v is None else float(v) for v in values],
-                                            dtype=torch.float32, device=self.device)
-        total = torch.zeros(len(prompts), dtype=torch.float32, device=self.device)
-        for (name, values), weight in zip(per_source.items(), self.weights):
-            if not torch.isfinite(values).all():
-                raise AlignError(f"reward_funcs: {name} returned a non-finite reward")
-            total = total + weight * values
-        return total, per_source
-
-    def _reward_model_scores(self, prompts, completions):
-        # Score text rendered the way the reward model was trained (RewardTrainer, TRL's RLOO and
-        # align eval all apply the chat template to prompt + completion), so the score is read
-        # at the same token; re-tokenising also covers a reward model with its own vocabulary.
-        tok = self.roles.reward_tokenizer or self.tokenizer
-        texts, special = [], True
-        for prompt, completion in zip(prompts, completions):
-            if isinstance(prompt, list):
-                texts.append(tok.apply_chat_template(prompt + [{"role": "assistant", "content": completion}],
-                                                     tokenize=False))
-                special = False
-            else:
-                texts.append(prompt + completion)
-        scores = []
-        for s in self._chunks(len(texts)):
-            enc = tok(texts[s], padding=True, padding_side="right", add_special_tokens=special, return_tensors="pt")
-            ids, am = enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
-            with self.accelerator.autocast():
-                scores.append(self.roles.reward_scores(ids, am))
-        return torch.cat(scores)
 
     @torch.no_grad()
     def rollout(self, prompts: list) -> Rollout:
         cfg = self.config
-        query, query_mask = self.encode_prompts(prompts)
-        raw = self.generate(query, query_mask)
-        mask, has_stop = self.stop_mask(raw)
+        query, query_mask = self.sampler.encode(prompts)
+        raw = self.sampler.generate(query, query_mask)
+        mask, has_stop = self.sampler.stop_mask(raw)
         response = core.truncate_after_stop(raw, mask, self.tokenizer.pad_token_id)
         input_ids = torch.cat([query, response], dim=1)
         attention_mask = torch.cat([query_mask, mask.long()], dim=1)
@@ -344,17 +210,17 @@ class PPOTrainer:
         T = response.shape[1]
 
         completions = [self.tokenizer.decode(row[m], skip_special_tokens=True) for row, m in zip(response, mask)]
-        raw_scores, per_source = self.score(prompts, completions, response, mask)
+        raw_scores, per_source = self.rewards(prompts, completions, response, mask)
 
         # With one minibatch of one micro-batch, the update's first forward pass would see this
         # whole batch under these very weights: run it here with gradients and let the update
         # reuse it (one policy + critic pass saved per step; ratio 1 by construction). It runs
         # after the reward and reference passes, so its graph never coexists with them.
-        reuse = cfg.num_mini_batches == 1 and cfg.gradient_accumulation_steps == 1 and \
-            len(self._chunks(len(prompts))) == 1
+        slices = chunks(len(prompts), cfg.rollout_forward_batch_size)
+        reuse = cfg.num_mini_batches == 1 and cfg.gradient_accumulation_steps == 1 and len(slices) == 1
         first_pass = None
         logprobs, ref_logprobs, values, entropy = [], [], [], []
-        for s in self._chunks(len(prompts)):
+        for s in slices:
             args = (input_ids[s], attention_mask[s], position_ids[s], T)
             with self.accelerator.autocast():
                 ref_logits = self.roles.ref_logits(*args)
@@ -381,9 +247,11 @@ class PPOTrainer:
         advantages, returns = core.gae(rewards, values, mask, cfg.gamma, cfg.lam)
         if cfg.whiten_advantages:
             advantages = core.masked_whiten(advantages, mask, all_reduce=self._sum_all)
-        return Rollout(prompts, completions, input_ids, attention_mask, position_ids, response, mask, has_stop,
-                       logprobs, ref_logprobs, values, scores, raw_scores, per_source, rewards, kl, advantages,
-                       returns, entropy, first_pass)
+        return Rollout(prompts=prompts, completions=completions, input_ids=input_ids, attention_mask=attention_mask,
+                       position_ids=position_ids, response=response, mask=mask, has_stop=has_stop,
+                       logprobs=logprobs, ref_logprobs=ref_logprobs, values=values, scores=scores,
+                       raw_scores=raw_scores, source_scores=per_source, rewards=rewards, kl=kl,
+                       advantages=advantages, returns=returns, entropy=entropy, first_pass=first_pass)
 
     # ------------------------------------------------------------------ PPO update
 
@@ -472,28 +340,27 @@ class PPOTrainer:
         self.log(f"[ppo] {self.total_steps} steps x {self.global_batch} prompts ({self.world_size} process"
                  f"{'es' if self.world_size > 1 else ''}), {cfg.num_ppo_epochs} epochs x {cfg.num_mini_batches} "
                  f"minibatches per step" + (f"; resuming at step {self.step}" if self.step else ""))
-        while self.step < self.total_steps:
-            t0 = time.time()
-            batch = self.rollout(self.prompts_for_step(self.step))
-            update = self.ppo_update(batch)
-            stats = self.batch_stats(batch)
-            self.kl_ctl.update(stats["kl"], self.global_batch)
-            self.scheduler.step()
-            self.step += 1
-            record = {"step": self.step, "episodes": self.step * self.global_batch, **stats,
-                      **self._mean_over_processes(update), "kl_coef_next": self.kl_ctl.value,
-                      "lr": self.scheduler.get_last_lr()[0], "seconds": round(time.time() - t0, 3)}
-            self._write_log(record)
-            if self.step % cfg.logging_steps == 0 or self.step == self.total_steps:
-                self.log(f"[ppo] step {self.step}/{self.total_steps}  reward {record['reward']:.4f}  "
-                         f"kl {record['kl']:.4f}  entropy {record['entropy']:.3f}  "
-                         f"pg {record['policy_loss']:.4f}  vf {record['value_loss']:.4f}  "
-                         f"clipfrac {record['clipfrac']:.3f}  len {record['response_length']:.1f}  "
-                         f"eos {record['eos_rate']:.2f}")
-            if cfg.sample_generations_every and self.step % cfg.sample_generations_every == 0:
-                self._write_samples(batch)
-            if cfg.save_steps and self.step % cfg.save_steps == 0 and self.step < self.total_steps:
-                self.save_checkpoint()
+        self._start_reporting()
+        try:
+            while self.step < self.total_steps:
+                t0 = time.time()
+                batch = self.rollout(self.prompts_for_step(self.step))
+                update = self.ppo_update(batch)
+                stats = self.batch_stats(batch)
+                self.kl_ctl.update(stats["kl"], self.global_batch)
+                self.scheduler.step()
+                self.step += 1
+                record = {"step": self.step, "episodes": self.step * self.global_batch, **stats,
+                          **self._mean_over_processes(update), "kl_coef_next": self.kl_ctl.value,
+                          "lr": self.scheduler.get_last_lr()[0], "seconds": round(time.time() - t0, 3)}
+                self._write_log(record)
+                self._report(record)
+                if cfg.sample_generations_every and self.step % cfg.sample_generations_every == 0:
+                    self._write_samples(batch)
+                if cfg.save_steps and self.step % cfg.save_steps == 0 and self.step < self.total_steps:
+                    self.save_checkpoint()
+        finally:
+            self._stop_reporting()
         return self.summary(time.time() - start)
 
     def batch_stats(self, batch: Rollout) -> dict[str, float]:
@@ -536,7 +403,46 @@ class PPOTrainer:
             "train_runtime": round(runtime, 2),
         }
 
-    # ------------------------------------------------------------------ logs and samples
+    # ------------------------------------------------------------------ logs, trackers and samples
+
+    def _start_reporting(self):
+        """Trackers (`report_to`) and the progress bar, on the main process only: accelerate
+        would start a trackio or wandb run on every process that asks."""
+        if not self.is_main:
+            return
+        if self.accelerator.log_with:
+            run_name = {"name": self.config.run_name}  # accelerate passes the project as trackio's and wandb's
+            self.accelerator.init_trackers(self.config.project, config=_hparams(self.config),
+                                           init_kwargs={"trackio": run_name, "wandb": run_name}
+                                           if self.config.run_name else None)
+        if not self.config.disable_tqdm:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=self.total_steps, initial=self.step, desc="ppo", unit="step", dynamic_ncols=True)
+
+    def _report(self, record: dict):
+        """A step's record to the trackers, under the names transformers gives the other stages'
+        metrics (`train/<key>`); the progress bar; a printed line every logging_steps steps."""
+        self.accelerator.log({f"train/{k}": v for k, v in record.items() if k != "step"}, step=self.step)
+        if self.bar is not None:
+            self.bar.set_postfix({"reward": f"{record['reward']:.4f}", "kl": f"{record['kl']:.4f}"}, refresh=False)
+            self.bar.update()
+        if self.step % self.config.logging_steps == 0 or self.step == self.total_steps:
+            self.log(f"[ppo] step {self.step}/{self.total_steps}  reward {record['reward']:.4f}  "
+                     f"kl {record['kl']:.4f}  entropy {record['entropy']:.3f}  "
+                     f"pg {record['policy_loss']:.4f}  vf {record['value_loss']:.4f}  "
+                     f"clipfrac {record['clipfrac']:.3f}  len {record['response_length']:.1f}  "
+                     f"eos {record['eos_rate']:.2f}")
+
+    def _stop_reporting(self):
+        """Close the bar, then the trackers (which may print). Not accelerator.end_training():
+        it also destroys the process group, which the final save and later stages still use."""
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        for tracker in self.accelerator.trackers:
+            tracker.finish()
+        self.accelerator.trackers.clear()
 
     def _write_log(self, record: dict):
         if self.is_main:
@@ -642,6 +548,12 @@ class PPOTrainer:
             (tokenizer or self.tokenizer).save_pretrained(str(directory))
             (tokenizer or self.tokenizer).save_pretrained(str(directory / "critic"))
         self.accelerator.wait_for_everyone()
+
+
+def _hparams(config: PPOConfig) -> dict:
+    """The config as tracker hyperparameters: TensorBoard takes only scalars and strings."""
+    return {k: v if v is None or isinstance(v, (bool, int, float, str)) else str(v)
+            for k, v in dataclasses.asdict(config).items()}
 
 
 def _rng_state() -> dict:

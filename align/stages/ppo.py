@@ -19,13 +19,11 @@ loadable like an SFT output; the critic in `critic/` (loadable as a reward model
 
 from __future__ import annotations
 
-import os
-
 from align import data, models
 from align.errors import AlignError, first_line
 from align.functions import check_specs, load_function
-from align.stages import Traits
 from align.ppo.config import PPOConfig as Config  # noqa: F401  (the stage's config class)
+from align.stages import Traits
 from align.training import check_training_fields, peft_config
 
 OPTIONS = {"model", "dataset", "peft", "quantization", "reward_model", "reward_funcs", "value_model"}
@@ -61,26 +59,10 @@ def validate(stage, model):
                          f"(reward_model first, then reward_funcs in order)")
 
 
-def _accelerator():
-    """An Accelerator over every launched process. On a machine without CUDA, a plain
-    PartialState() stays single-process even under `accelerate launch --multi_gpu`; the
-    processes must then talk over gloo, so the state is rebuilt with cpu=True (what TRL's
-    TrainingArguments do for the other stages)."""
-    import torch
-    from accelerate import Accelerator, PartialState
-    from accelerate.state import AcceleratorState
-
-    cpu = not torch.cuda.is_available()
-    if cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 and PartialState().num_processes == 1:
-        AcceleratorState._reset_state(reset_partial_state=True)
-        PartialState(cpu=True)
-    return Accelerator(cpu=cpu)
-
-
 def build_trainer(stage, ctx):
     """Load data and models and build the PPOTrainer (without training)."""
-    from align.ppo.roles import LoadOptions, load_roles
-    from align.ppo.trainer import PPOTrainer
+    from align.ppo.layouts import LoadOptions, load_roles
+    from align.ppo.trainer import PPOTrainer, make_accelerator
 
     where = f"stages.{stage.name}"
     config = stage.config()
@@ -92,7 +74,7 @@ def build_trainer(stage, ctx):
     lora = peft_config(peft, task_type="CAUSAL_LM", where=f"{where}.peft") if peft else None
     funcs = {spec: load_function(spec, f"{where}.reward_funcs")
              for spec in check_specs(stage.options.get("reward_funcs"), f"{where}.reward_funcs")}
-    accelerator = _accelerator()
+    accelerator = make_accelerator(config, stage.dir)
     with accelerator.main_process_first():  # a merged adapter copy is written once, then read by all
         roles = load_roles(
             policy_path=policy_path, tokenizer=tokenizer, reward_path=stage.options.get("reward_model"),
