@@ -30,21 +30,30 @@ def test_every_trl_preference_format_is_accepted(tmp_path):
         ds, _ = data.load({"path": str(path)}, "preference", "dataset")
         assert len(ds) == len(PAIRS), name
         assert {"chosen", "rejected"} <= set(ds.column_names)
-        assert ("prompt" in ds.column_names) == name.endswith("explicit")
+        # Conversational pairs get their shared leading turns as an explicit prompt (what TRL's
+        # DPO trainer extracts); text pairs with an implicit prompt stay as TRL takes them.
+        assert ("prompt" in ds.column_names) == (name != "standard_implicit")
+        if name == "conversational_implicit":
+            assert ds[0]["prompt"] == [{"role": "user", "content": PAIRS[0][0]}]
+            assert ds[0]["chosen"] == [{"role": "assistant", "content": PAIRS[0][1]}]
+
+
+GOOD = {"prompt": "p", "chosen": "a", "rejected": "b"}
 
 
 @pytest.mark.parametrize("rows,message", [
-    ([{"prompt": "p", "chosen": "a", "rejected": ""}], "missing or empty"),
-    ([{"prompt": "p", "chosen": "a", "rejected": None}], "missing or empty"),
-    ([{"prompt": "  ", "chosen": "a", "rejected": "b"}], "missing or empty"),
-    ([{"prompt": "p", "chosen": [{"role": "assistant", "content": "a"}],
-       "rejected": [{"role": "assistant", "content": "b"}]}], "mix text and message lists"),
+    ([GOOD, {"prompt": "p", "chosen": "a", "rejected": ""}], "row 2, 'rejected': empty text"),
+    ([GOOD, GOOD, {"prompt": "p", "chosen": "a", "rejected": None}], "row 3, 'rejected': missing (null)"),
+    ([{"prompt": "  ", "chosen": "a", "rejected": "b"}], "row 1, 'prompt': empty text"),
+    ([GOOD, {"prompt": "p", "chosen": [{"role": "assistant", "content": "a"}], "rejected": "b"}],
+     "row 2, 'chosen': holds a list of messages where row 1 holds text"),
 ])
 def test_bad_preference_rows_are_refused_with_a_count(tmp_path, rows, message):
     path = write_jsonl(tmp_path / "bad.jsonl", rows)
-    with pytest.raises(AlignError, match=message) as info:
+    with pytest.raises(AlignError) as info:
         data.load({"path": str(path)}, "preference", "stages.reward.dataset")
-    assert "1 " in str(info.value) and "stages.reward.dataset" in str(info.value)
+    assert message in str(info.value)
+    assert str(info.value).startswith(f"stages.reward.dataset: {path}: 1 bad row(s); first at row")
 
 
 def test_identical_pairs_are_dropped_with_a_counted_warning(tmp_path, capsys):
