@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from align.errors import AlignError
+from align.errors import AlignError, disk_full
 
 
 def cmd_run(args):
@@ -125,14 +125,37 @@ def main(argv=None):
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        try:
+            args.func(args)
+        except OSError as e:
+            path = disk_full(e)
+            if path is None:
+                raise
+            raise AlignError(f"no space left on device while writing {path}") from None
     except AlignError as e:
         rank = os.environ.get("RANK", "0")
         print(f"error: {e}" if rank == "0" else f"error (process {rank}): {e}", file=sys.stderr)
+        _tell_launcher(f"error: {e}")
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+def _tell_launcher(message: str):
+    """Under `accelerate launch` (torch elastic), the launcher prints its own failure report
+    after align's line; with the message in the worker's error file, that report's root cause
+    is align's message instead of a link to torch's docs."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        import json
+        import time
+
+        try:
+            with open(path, "w") as f:
+                json.dump({"message": message, "timestamp": int(time.time())}, f)
+        except OSError:
+            pass
 
 
 if __name__ == "__main__":

@@ -526,3 +526,25 @@ def read_rows(spec, kind: str, where: str, limit: int | None = None) -> list[dic
     if limit:
         ds = ds.select(range(min(limit, len(ds))))
     return [dict(r) for r in ds]
+
+
+def first_unrenderable(ds, tokenizer) -> str | None:
+    """"<row>: <why>" for the first row whose conversations the tokenizer's chat template
+    refuses (e.g. "System role not supported"), or None. Called only after a trainer failed, to
+    name the row TRL could not say."""
+    if ds is None or not hasattr(ds, "column_names"):
+        return None
+    columns = [c for c in ("messages", "prompt", "completion", "chosen", "rejected") if c in ds.column_names]
+    for i, row in enumerate(ds):
+        prompt = row.get("prompt") if isinstance(row.get("prompt"), list) else []
+        for column in columns:
+            value = row[column]
+            if not isinstance(value, list):
+                continue
+            turns = value if column in ("messages", "prompt") else prompt + value
+            try:
+                tokenizer.apply_chat_template(turns, tokenize=False)
+            except Exception as e:  # noqa: BLE001  (jinja2's and templates' own raise_exception)
+                return (f"row {i + 1} of the training split ({_show(turns[0].get('content'))}), '{column}': the "
+                        f"model's chat template refuses it: {first_line(e)}")
+    return None

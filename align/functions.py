@@ -71,3 +71,30 @@ def _import(module_name: str):
             raise
         sys.path.append(cwd)
         return importlib.import_module(module_name)
+
+
+def load_reward_function(spec: str, where: str):
+    """A reward function (TRL's signature `f(prompts, completions, **kw) -> list[float]`) whose
+    every return is checked: one number (or None, "no opinion") per completion. A string or a
+    short list would otherwise fail deep inside the trainer's tensor code."""
+    import functools
+    import math
+
+    func = load_function(spec, where)
+
+    @functools.wraps(func)
+    def checked(*args, **kwargs):
+        values = func(*args, **kwargs)
+        count = len(kwargs.get("completions", args[1] if len(args) > 1 else []))
+        if not isinstance(values, (list, tuple)) or len(values) != count:
+            got = f"{len(values)} values" if isinstance(values, (list, tuple)) else type(values).__name__
+            raise AlignError(f"{where}: {spec} returned {got} for {count} completions; return a list with one "
+                             f"number per completion")
+        for i, value in enumerate(values):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not math.isfinite(value)):
+                raise AlignError(f"{where}: {spec} returned {value!r} for completion {i}; rewards must be finite "
+                                 f"numbers (or None)")
+        return list(values)
+
+    return checked

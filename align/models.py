@@ -37,6 +37,7 @@ PAD = "<|pad|>"
 SPECIAL_TOKENS = [PAD, "<|im_start|>", END_OF_TURN, "<|endoftext|>"]
 
 ADAPTER_CONFIG = "adapter_config.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 def is_adapter(path: str | os.PathLike) -> bool:
@@ -47,6 +48,46 @@ def adapter_base(path: str | os.PathLike) -> str:
     """The base model an adapter folder was trained on."""
     with open(Path(path) / ADAPTER_CONFIG) as f:
         return json.load(f)["base_model_name_or_path"]
+
+
+def check_model_path(path: str, where: str = "model"):
+    """A local model path must be a folder holding a model or an adapter (Hub ids pass: they are
+    resolved when loaded). Without this, transformers reads a missing path as a malformed Hub id
+    and an empty folder as a tokenizer backend failure."""
+    from align.data import looks_local
+
+    local = Path(path).expanduser()
+    if not local.exists():
+        if looks_local(path):
+            raise AlignError(f"{where}: '{path}' does not exist (a local model folder, or a Hub id owner/name)")
+        return
+    if not local.is_dir():
+        raise AlignError(f"{where}: '{path}' is a file; give the model's folder (with config.json)")
+    if not (local / "config.json").is_file() and not (local / ADAPTER_CONFIG).is_file():
+        raise AlignError(f"{where}: '{path}' holds no model (no config.json or {ADAPTER_CONFIG}); is it the "
+                         f"right folder, and did the stage that writes it finish?")
+
+
+def classifier_architecture(path: str) -> str | None:
+    """The sequence-classifier architecture (or "SEQ_CLS adapter") of a local checkpoint, "" when
+    it is a local checkpoint of anything else, None when that cannot be told (a Hub id)."""
+    try:
+        if is_adapter(path):
+            with open(Path(path) / ADAPTER_CONFIG) as f:
+                return "SEQ_CLS adapter" if json.load(f).get("task_type") == "SEQ_CLS" else ""
+        with open(Path(path) / "config.json") as f:
+            architectures = json.load(f).get("architectures") or []
+    except (OSError, ValueError):
+        return None
+    return next((a for a in architectures if a.endswith("ForSequenceClassification")), "")
+
+
+def check_reward_model(path: str, where: str):
+    """A reward model must have a trained score head: a causal LM given as one would be scored
+    by a randomly initialised head (training against noise)."""
+    if classifier_architecture(path) == "":
+        raise AlignError(f"{where}: '{path}' is not a reward model (no trained score head: it is a causal LM "
+                         f"or another model type); use a reward stage's output, e.g. ${{reward}}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -104,8 +145,12 @@ def prepare_tokenizer(tokenizer):
 def load_tokenizer(path: str, *, trust_remote_code: bool = False, revision: str | None = None):
     from transformers import AutoTokenizer
 
+    check_model_path(path)
     if is_adapter(path) and not Path(path, "tokenizer_config.json").is_file():
         path = adapter_base(path)
+    local = Path(path).expanduser()
+    if local.is_dir() and not any((local / name).is_file() for name in TOKENIZER_FILES):
+        raise AlignError(f"model: '{path}' has no tokenizer files ({', '.join(TOKENIZER_FILES)})")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, revision=revision)
     except (OSError, ValueError) as e:
@@ -177,6 +222,10 @@ def load_model(
         kwargs["attn_implementation"] = attn_implementation
     if kind == "seq-cls":
         kwargs["num_labels"] = 1
+    check_model_path(path)
+    if kind == "causal-lm" and classifier_architecture(path):
+        raise AlignError(f"model: '{path}' is a reward model ({classifier_architecture(path)}), not a policy: it "
+                         f"scores text and cannot generate it; use a policy stage's output (sft, dpo, ppo ...)")
     qconfig = quantization_config(quantization)
     if qconfig is not None:
         kwargs["quantization_config"] = qconfig

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from align import rundir
-from align.errors import AlignError
+from align.errors import AlignError, disk_full
 from align.functions import load_function, specs_of
 from align.recipe import Recipe, dump_yaml
 
@@ -44,23 +44,62 @@ class Context:
 
 
 def _preflight(recipe: Recipe, todo, dry_run: bool):
-    """Check every dataset that already exists and import every named function now, before any
-    compute is spent (a dry run only checks their form: importing runs their module's code)."""
+    """Check every dataset and local model that already exists and import every named function
+    now, before any compute is spent (a dry run only checks their form: importing runs their
+    module's code)."""
     from align import data
 
     produced = str(recipe.output_dir)
     for stage in todo:
         for where, spec in [] if dry_run else specs_of(stage):
             load_function(spec, where)
-        kind = stage.traits.data
-        for key in ("dataset", "eval_dataset"):
+        for key, kind in _data_keys(stage):
             spec = stage.options.get(key)
-            if not spec or kind is None:
+            spec = {"path": spec} if isinstance(spec, str) else spec
+            if not spec:
                 continue
             sources = spec if isinstance(spec, list) else [spec]
             if all(isinstance(s, dict) and isinstance(s.get("path"), str) and not s["path"].startswith(produced)
                    and (Path(s["path"]).exists() or data.looks_local(s["path"])) for s in sources):
                 data.load(spec, kind, f"stages.{stage.name}.{key}", recipe.seed)
+    for stage in todo:
+        _check_models(recipe, stage)
+
+
+EVAL_DATA = {"prompts": "prompt", "pairs": "preference", "texts": "text"}  # the eval stage's files
+
+
+def _data_keys(stage) -> list[tuple[str, str]]:
+    kind = stage.traits.data
+    keys = [("dataset", kind), ("eval_dataset", kind)] if kind else []
+    return keys + [(k, v) for k, v in EVAL_DATA.items() if stage.type == "eval"]
+
+
+def _check_models(recipe: Recipe, stage):
+    """Local model paths exist and hold a model; a reward model has a trained score head (an
+    earlier stage's output counts by what that stage produces)."""
+    from align import models
+
+    outputs = {str(s.dir): s for s in recipe.stages}
+    named = [(key, stage.options.get(key)) for key in ("model", "reward_model", "value_model", "reference")]
+    policies = stage.options.get("policies")
+    named += [("policies", p) for p in (policies.values() if isinstance(policies, dict) else policies or [])]
+    if not stage.options.get("model") and stage.type not in ("init", "task", "eval"):
+        named.append(("model", recipe.start_model(stage)))
+    for key, path in named:
+        if not isinstance(path, str) or not path:
+            continue
+        where = f"stages.{stage.name}.{key}" if key in stage.options else "model"
+        source = outputs.get(str(Path(path)))
+        if source is not None:
+            if key == "reward_model" and source.traits.produces != "reward_model":
+                raise AlignError(f"{where}: ${{{source.name}}} is a {source.type} stage's output, a causal LM with no "
+                                 f"trained score head (it would score with a random one); use a reward stage's "
+                                 f"output, e.g. ${{reward}}")
+        elif not path.startswith(str(recipe.output_dir)):
+            models.check_model_path(path, where)
+            if key == "reward_model":
+                models.check_reward_model(path, where)
 
 
 def run(recipe: Recipe, only: str | None = None, dry_run: bool = False):
@@ -116,7 +155,13 @@ def run(recipe: Recipe, only: str | None = None, dry_run: bool = False):
         ctx.log(f"> {stage.name:<10} {stage.type} ...")
         set_seed(recipe.seed)
         start = time.time()
-        metrics = stage.module.run(stage, ctx) or {}
+        try:
+            metrics = stage.module.run(stage, ctx) or {}
+        except Exception as e:  # a full disk reads differently from every library that writes
+            path = disk_full(e, stage.dir)
+            if path is None:
+                raise
+            raise AlignError(f"stage {stage.name}: no space left on device while writing {path}") from None
         metrics["stage_seconds"] = round(time.time() - start, 2)
         metrics["world_size"] = state.num_processes
         ctx.wait()

@@ -16,6 +16,7 @@ from align.errors import AlignError, first_line, suggest
 from align.recipe import check_keys, coerce
 
 TRAINING_OPTIONS = {"model", "dataset", "eval_dataset", "peft", "quantization"}
+LENGTH_FIELDS = ("max_length", "max_prompt_length", "max_completion_length")
 
 
 def trainer_config(stage, ctx, **stage_defaults):
@@ -55,6 +56,14 @@ def check_training_fields(stage):
     for key in ("per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs"):
         if key in stage.args and not stage.args[key] > 0:
             raise AlignError(f"{where}.{key}: must be positive, got {stage.args[key]}")
+    # transformers reads any max_steps <= 0 as "train num_train_epochs"; only -1 means that.
+    steps = stage.args.get("max_steps")
+    if steps is not None and steps != -1 and not steps > 0:
+        raise AlignError(f"{where}.max_steps: must be positive (or -1 to train num_train_epochs), got {steps}")
+    for key in LENGTH_FIELDS:  # TRL truncates to a non-positive length without complaint
+        value = stage.args.get(key)
+        if value is not None and not value > 0:
+            raise AlignError(f"{where}.{key}: must be a positive number of tokens (or null for no limit), got {value}")
     if "dataset" not in stage.options:
         raise AlignError(f"{where}.dataset: required, e.g. `dataset: {{path: data/train.jsonl}}`")
     quant = stage.options.get("quantization")
@@ -155,15 +164,36 @@ def build_trainer(stage, ctx, trainer_cls, *, kind: str = "causal-lm", defaults=
     model, tokenizer, peft = load_policy(stage, ctx, kind=kind)
     config_defaults = {"eval_strategy": "epoch"} if evals is not None else {}
     config_defaults.update((defaults(train) if callable(defaults) else defaults) or {})
-    return trainer_cls(
-        model=model,
-        args=trainer_config(stage, ctx, **config_defaults),
-        train_dataset=train,
-        eval_dataset=evals,
-        processing_class=tokenizer,
-        peft_config=peft,
-        **trainer_kwargs,
-    )
+    args = trainer_config(stage, ctx, **config_defaults)
+    where = f"stages.{stage.name}"
+    try:
+        trainer = trainer_cls(model=model, args=args, train_dataset=train, eval_dataset=evals,
+                              processing_class=tokenizer, peft_config=peft, **trainer_kwargs)
+    except Exception as e:  # noqa: BLE001  (raised while TRL prepares the data; the row is found below)
+        row = data.first_unrenderable(train, tokenizer)
+        if row is not None:
+            raise AlignError(f"{where}.dataset: {row}") from None
+        if isinstance(e, (ValueError, TypeError, KeyError)):
+            raise AlignError(f"{where}: {trainer_cls.__name__} could not prepare the stage: "
+                             f"{type(e).__name__}: {first_line(e)}") from None
+        raise
+    for name, before, after in (("dataset", train, trainer.train_dataset), ("eval_dataset", evals, trainer.eval_dataset)):
+        _check_rows_left(f"{where}.{name}", before, after, args, trainer_cls.__name__)
+    return trainer
+
+
+def _check_rows_left(where: str, before, after, args, trainer_name: str):
+    """TRL drops rows that do not fit `max_length` (RewardTrainer: longer pairs; DPOTrainer:
+    prompts that fill it) without a word; every row dropped would train on nothing."""
+    if before is None or after is None or not hasattr(after, "__len__") or len(after) == len(before):
+        return
+    limit = getattr(args, "max_length", None)
+    if len(after) == 0:
+        raise AlignError(f"{where}: {trainer_name} dropped all {len(before)} rows as longer than max_length={limit} "
+                         f"tokens; raise max_length (or null for no limit) or shorten the data")
+    if not getattr(args, "packing", False):  # packing joins rows: fewer rows, none lost
+        print(f"warning: {where}: {trainer_name} dropped {len(before) - len(after)} of {len(before)} rows longer than "
+              f"max_length={limit} tokens", flush=True)
 
 
 def run_trainer(stage, ctx, trainer_cls, **build_kwargs) -> dict:

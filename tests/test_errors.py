@@ -46,7 +46,9 @@ CASES = [
     ("empty dataset", {"sft": {"dataset": {"path": "@empty.jsonl"}}}, [], ["empty.jsonl", "no rows"]),
     ("malformed jsonl", {"sft": {"dataset": {"path": "@bad.jsonl"}}}, [], ["bad.jsonl", "line 3"]),
     ("missing column", {"sft": {"dataset": {"path": "@nocol.jsonl"}}}, [], ["stages.sft.dataset", "missing column", "question"]),
-    ("community layout hint", {"sft": {"dataset": {"path": "@alpaca.jsonl"}}}, [], ["format: alpaca"]),
+    # an Alpaca file is recognised without `format:`; the next problem is the model path
+    ("community layout, missing model", {"sft": {"dataset": {"path": "@alpaca.jsonl"}}}, [],
+     ["stages.sft.model", "/nonexistent-model-is-not-loaded-before-errors", "does not exist"]),
     ("wrong column type", {"sft": {"dataset": {"path": "@wrongtype.jsonl"}}}, [], ["'messages'", "int"]),
     ("4-bit full fine-tune", {"sft": {"quantization": {"load_in_4bit": True}}}, [], ["stages.sft.quantization", "peft"]),
     ("non-positive lr", {"sft": {"learning_rate": 0}}, [], ["stages.sft.learning_rate", "positive"]),

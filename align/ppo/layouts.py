@@ -139,15 +139,7 @@ def _load_lm(path: str, tokenizer, options: LoadOptions, *, kind="causal-lm", qu
 
 def _is_classifier_checkpoint(path: str) -> bool:
     """Whether `path` holds a trained sequence classifier (full model or SEQ_CLS adapter)."""
-    try:
-        if models.is_adapter(path):
-            with open(Path(path) / models.ADAPTER_CONFIG) as f:
-                return json.load(f).get("task_type") == "SEQ_CLS"
-        with open(Path(path) / "config.json") as f:
-            architectures = json.load(f).get("architectures") or []
-        return any(a.endswith("ForSequenceClassification") for a in architectures)
-    except OSError:
-        return False
+    return bool(models.classifier_architecture(path))
 
 
 def _gradient_checkpointing(model, context_fn=None):

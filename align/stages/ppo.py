@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from align import data, models
 from align.errors import AlignError, first_line
-from align.functions import check_specs, load_function
+from align.functions import check_specs, load_reward_function
 from align.ppo.config import PPOConfig as Config  # noqa: F401  (the stage's config class)
 from align.stages import Traits
 from align.training import check_training_fields, peft_config
@@ -72,7 +72,7 @@ def build_trainer(stage, ctx):
     tokenizer = models.load_tokenizer(policy_path, trust_remote_code=trust)
     peft = stage.options.get("peft")
     lora = peft_config(peft, task_type="CAUSAL_LM", where=f"{where}.peft") if peft else None
-    funcs = {spec: load_function(spec, f"{where}.reward_funcs")
+    funcs = {spec: load_reward_function(spec, f"{where}.reward_funcs")
              for spec in check_specs(stage.options.get("reward_funcs"), f"{where}.reward_funcs")}
     accelerator = make_accelerator(config, stage.dir)
     with accelerator.main_process_first():  # a merged adapter copy is written once, then read by all

@@ -17,7 +17,7 @@ from trl import RLOOTrainer
 
 from align import models
 from align.errors import AlignError
-from align.functions import check_specs, load_function
+from align.functions import check_specs, load_reward_function
 from align.stages import Traits
 from align.training import TRAINING_OPTIONS, build_trainer, check_training_fields, train_and_save
 
@@ -44,7 +44,7 @@ def reward_functions(stage, ctx):
         tokenizers.append(models.load_tokenizer(path, trust_remote_code=trust))
     where = f"stages.{stage.name}.reward_funcs"
     for spec in check_specs(stage.options.get("reward_funcs"), where):
-        funcs.append(load_function(spec, where))
+        funcs.append(load_reward_function(spec, where))
         tokenizers.append(None)
     return funcs, tokenizers
 
