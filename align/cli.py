@@ -13,7 +13,13 @@ def cmd_run(args):
     from align import run
     from align.recipe import load_recipe
 
-    recipe = load_recipe(args.recipe, args.set)
+    try:
+        recipe = load_recipe(args.recipe, args.set)
+    except AlignError:
+        # Under `accelerate launch` every process reads the same recipe: the main one reports it.
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and os.environ.get("RANK", "0") != "0":
+            sys.exit(2)
+        raise
     run.run(recipe, only=args.stage, dry_run=args.dry_run)
 
 
@@ -25,6 +31,11 @@ def cmd_eval(args):
 
     if not (args.prompts or args.pairs or args.texts):
         raise AlignError("align eval: give at least one of --prompts, --pairs or --texts")
+    if args.reward_model:
+        from align.models import check_model_path, check_reward_model
+
+        check_model_path(args.reward_model, "--reward-model")
+        check_reward_model(args.reward_model, "--reward-model")
     policies = {p.rstrip("/").split("/")[-1]: p for p in args.policy}
     results = evaluate.evaluate(
         policies=policies,
@@ -133,6 +144,7 @@ def main(argv=None):
                 raise
             raise AlignError(f"no space left on device while writing {path}") from None
     except AlignError as e:
+        _end_progress_bars()
         rank = os.environ.get("RANK", "0")
         print(f"error: {e}" if rank == "0" else f"error (process {rank}): {e}", file=sys.stderr)
         _tell_launcher(f"error: {e}")
@@ -140,6 +152,13 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+def _end_progress_bars():
+    """A training progress bar interrupted by the error would leave the message on its line."""
+    tqdm = sys.modules.get("tqdm.std")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", [])):
+        bar.close()
 
 
 def _tell_launcher(message: str):

@@ -205,7 +205,7 @@ def _to_trl(ds, source: dict, kind: str, where: str):
     elif match is None and kind == "prompt" and "messages" in cols:
         rows, match = {"messages": ds["messages"][:]}, {"messages"}
     elif match is None:
-        raise AlignError(_missing_columns(kind, cols, where))
+        raise AlignError(_missing_columns(kind, cols, f"{where}: {source['path']}"))
     else:
         keep = sorted(match) + [c for c in OPTIONAL_COLUMNS.get(kind, []) if c in cols]
         rows = ds.select_columns(keep).to_dict()
@@ -215,7 +215,7 @@ def _to_trl(ds, source: dict, kind: str, where: str):
     rows = _check_rows(rows, kind, bad)
     bad.raise_if_any()
     if kind == "preference":
-        rows = _drop_identical(rows, where)
+        rows = _drop_identical(rows, f"{where}: {source['path']}")
     from datasets import Dataset
 
     return Dataset.from_dict(rows)

@@ -82,6 +82,15 @@ def classifier_architecture(path: str) -> str | None:
     return next((a for a in architectures if a.endswith("ForSequenceClassification")), "")
 
 
+def check_policy_model(path: str, where: str):
+    """A policy must be a causal LM: a reward model loaded as one has no trained LM head (its
+    generations are noise)."""
+    architecture = classifier_architecture(path)
+    if architecture:
+        raise AlignError(f"{where}: '{path}' is a reward model ({architecture}), not a policy: it scores text and "
+                         f"cannot generate it; use a policy stage's output (sft, dpo, ppo ...)")
+
+
 def check_reward_model(path: str, where: str):
     """A reward model must have a trained score head: a causal LM given as one would be scored
     by a randomly initialised head (training against noise)."""
@@ -223,9 +232,8 @@ def load_model(
     if kind == "seq-cls":
         kwargs["num_labels"] = 1
     check_model_path(path)
-    if kind == "causal-lm" and classifier_architecture(path):
-        raise AlignError(f"model: '{path}' is a reward model ({classifier_architecture(path)}), not a policy: it "
-                         f"scores text and cannot generate it; use a policy stage's output (sft, dpo, ppo ...)")
+    if kind == "causal-lm":
+        check_policy_model(path, "model")
     qconfig = quantization_config(quantization)
     if qconfig is not None:
         kwargs["quantization_config"] = qconfig

@@ -90,16 +90,22 @@ def _check_models(recipe: Recipe, stage):
         if not isinstance(path, str) or not path:
             continue
         where = f"stages.{stage.name}.{key}" if key in stage.options else "model"
+        policy = key in ("model", "policies", "reference") and stage.traits.produces != "reward_model"
         source = outputs.get(str(Path(path)))
         if source is not None:
             if key == "reward_model" and source.traits.produces != "reward_model":
                 raise AlignError(f"{where}: ${{{source.name}}} is a {source.type} stage's output, a causal LM with no "
                                  f"trained score head (it would score with a random one); use a reward stage's "
                                  f"output, e.g. ${{reward}}")
+            if policy and source.traits.produces == "reward_model":
+                raise AlignError(f"{where}: ${{{source.name}}} is a reward model, not a policy: it scores text and "
+                                 f"cannot generate it; use a policy stage's output (sft, dpo, ppo ...)")
         elif not path.startswith(str(recipe.output_dir)):
             models.check_model_path(path, where)
             if key == "reward_model":
                 models.check_reward_model(path, where)
+            elif policy:
+                models.check_policy_model(path, where)
 
 
 def run(recipe: Recipe, only: str | None = None, dry_run: bool = False):
