@@ -197,13 +197,16 @@ def _to_trl(ds, source: dict, kind: str, where: str):
     if layout not in (None, "alpaca", "sharegpt"):
         raise AlignError(f"{where}.format: unknown format '{layout}'; use alpaca or sharegpt (or map columns)")
     match = next((f for f in FORMATS[kind] if f <= cols), None)
-    if layout is None and (match is None or (kind == "prompt" and "messages" in cols)):
+    if layout is None and match is None:
         layout = _community_layout(cols)
+    if layout is not None and kind in ("preference", "text"):
+        raise AlignError(f"{where}: {source['path']}: {layout} rows are conversations (SFT or prompt data); "
+                         f"{kind} data needs {' or '.join('+'.join(sorted(f)) for f in FORMATS[kind])}")
     bad = BadRows(where, source["path"])
     if layout is not None:
-        rows, match = _from_community(ds, layout, where, bad), {"messages"}
+        rows = _from_community(ds, layout, where, bad)
     elif match is None and kind == "prompt" and "messages" in cols:
-        rows, match = {"messages": ds["messages"][:]}, {"messages"}
+        rows = {"messages": ds["messages"][:]}
     elif match is None:
         raise AlignError(_missing_columns(kind, cols, f"{where}: {source['path']}"))
     else:

@@ -165,6 +165,8 @@ CASES = [
     data_case("data: alpaca empty output at row 2", [{"instruction": "a", "input": "", "output": "b"},
                                                      {"instruction": "a", "input": "", "output": ""}],
               ["row 2", "'output'", "empty"]),
+    data_case("data: alpaca rows for a reward stage", [{"instruction": "a", "input": "", "output": "b"}],
+              ["in.jsonl", "alpaca rows are conversations", "chosen+rejected"], kind="reward"),
     data_case("data: sft prompt without completion", [{"prompt": "a", "completion": None}], ["row 1", "'completion'"]),
     data_case("data: pairs empty rejected at row 3", [PAIR, PAIR, {**PAIR, "rejected": ""}],
               ["row 3", "'rejected'", "empty"], kind="reward"),
