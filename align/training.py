@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from align import data, models, rundir
+from align import data, models, render, rundir
 from align.errors import AlignError, first_line, suggest
 from align.recipe import check_keys, coerce
 
@@ -136,13 +136,19 @@ def peft_config(block: dict, *, task_type: str, where: str):
 
 
 def load_datasets(stage, ctx):
-    """(train, eval or None) for the stage's data kind; `eval_dataset` wins over `test_size`."""
+    """(train, eval or None) for the stage's data kind; `eval_dataset` wins over `test_size`.
+    String prompts and answers become user and assistant turns (align.render, rule 1), so
+    TRL renders them with the chat template, as PPO, eval, chat and generate do."""
     where = f"stages.{stage.name}"
     kind = stage.traits.data
     train, evals = data.load(stage.options["dataset"], kind, f"{where}.dataset", ctx.seed)
     if stage.options.get("eval_dataset"):
         evals, _ = data.load(stage.options["eval_dataset"], kind, f"{where}.eval_dataset", ctx.seed)
-    return train, evals
+    converted = render.conversational_dataset(train)
+    if converted is not train:
+        ctx.log(f"[{stage.name}] text prompts and answers are read as user and assistant turns of the chat template "
+                f"(align/render.py)")
+    return converted, render.conversational_dataset(evals)
 
 
 def build_trainer(stage, ctx, trainer_cls, *, kind: str = "causal-lm", defaults=None, **trainer_kwargs):

@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from align import render
 from align.errors import AlignError
 from align.markdown import table
 from align.ppo import core
@@ -209,8 +210,8 @@ class PPOTrainer:
         position_ids = position_ids_from(attention_mask)
         T = response.shape[1]
 
-        completions = [self.tokenizer.decode(row[m], skip_special_tokens=True) for row, m in zip(response, mask)]
-        raw_scores, per_source = self.rewards(prompts, completions, response, mask)
+        completions = [render.completion_text(self.tokenizer, row[m]) for row, m in zip(response, mask)]
+        raw_scores, per_source = self.rewards(prompts, completions, response, mask, has_stop)
 
         # With one minibatch of one micro-batch, the update's first forward pass would see this
         # whole batch under these very weights: run it here with gradients and let the update

@@ -19,7 +19,7 @@ loadable like an SFT output; the critic in `critic/` (loadable as a reward model
 
 from __future__ import annotations
 
-from align import data, models
+from align import data, models, render
 from align.errors import AlignError, first_line
 from align.functions import check_specs, load_function
 from align.ppo.config import PPOConfig as Config  # noqa: F401  (the stage's config class)
@@ -70,6 +70,7 @@ def build_trainer(stage, ctx):
     policy_path = ctx.recipe.start_model(stage)
     trust = bool(ctx.model.get("trust_remote_code", False))
     tokenizer = models.load_tokenizer(policy_path, trust_remote_code=trust)
+    train = render.fit_prompts(train, tokenizer, config.max_prompt_length, f"{where}.dataset")
     peft = stage.options.get("peft")
     lora = peft_config(peft, task_type="CAUSAL_LM", where=f"{where}.peft") if peft else None
     funcs = {spec: load_function(spec, f"{where}.reward_funcs")
