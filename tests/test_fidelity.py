@@ -151,6 +151,7 @@ def test_ppo_reward_equals_eval_and_trl_for_text_prompts_and_cut_answers(tmp_pat
         reward = _plain_reward_model(tiny_model, tmp_path / "rm")
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": PROMPT}] * 8)
     trainer, _ = _build(tmp_path, tiny_model, {"dataset": {"path": str(prompts)}, **FAST, "reward_model": str(reward)})
+    assert ("reads plain text" in " ".join(trainer.roles.description)) == (reader == "plain")
 
     # PPO scores a finished answer as the reward model reads what TRL's RewardTrainer tokenized.
     rm = models.load_model(str(reward), kind="seq-cls", dtype="float32").eval()
@@ -192,6 +193,20 @@ def test_plain_text_reward_model_refuses_multi_turn_prompts(tiny_model, tmp_path
     assert render.reward_text(tok, [two_turns[1]], ANSWER) == PROMPT + ANSWER + "<|endoftext|>"
     with pytest.raises(AlignError, match="reward_model: its tokenizer has no chat template.* a prompt has 2 turns"):
         render.reward_text(tok, two_turns, ANSWER)
+
+
+def test_a_policy_without_its_own_chat_template_is_warned_about(tmp_path, tiny_model, data_dir, capsys):
+    """A base model straight into PPO never read the chat template its prompts get."""
+    from transformers import AutoTokenizer
+
+    base = tmp_path / "base"
+    models.load_model(str(tiny_model)).save_pretrained(str(base))
+    tok = AutoTokenizer.from_pretrained(str(tiny_model))
+    tok.chat_template = None
+    tok.save_pretrained(str(base))
+    _build(tmp_path, base, {"dataset": {"path": str(data_dir / "prompts.jsonl")}, **FAST,
+                            "reward_funcs": "tests.rewards:letter_a"})
+    assert f"'{base}' has no chat template of its own" in capsys.readouterr().out
 
 
 def _with_dropout(model, out, **fields):

@@ -69,13 +69,13 @@ def disable_dropout(model: nn.Module):
     for module in model.modules():
         if isinstance(module, nn.Dropout):
             module.p = 0.0
-        for name, value in vars(module).items():
+        for name, value in list(vars(module).items()):
             if "drop" in name and isinstance(value, float):
                 setattr(module, name, 0.0)
         config = getattr(module, "config", None)
         if config is not None and hasattr(config, "to_dict"):
             for key, value in config.to_dict().items():
-                if isinstance(value, float) and ("drop" in key):
+                if isinstance(value, float) and "drop" in key:
                     setattr(config, key, 0.0)
 
 
