@@ -120,6 +120,9 @@ def _lazy(module: str, function: str):
 
 
 def main(argv=None):
+    from align import threads
+
+    threads.configure()  # before torch starts its thread pool
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # datasets' per-file progress bars bury the messages that matter; training bars stay.
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
