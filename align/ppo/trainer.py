@@ -45,6 +45,7 @@ from align.ppo.config import PPOConfig
 from align.ppo.roles import Roles
 from align.ppo.rollout import Rewards, Rollout, Sampler, chunks, position_ids_from
 from align.rundir import CHECKPOINTS, LOG_HISTORY, complete_checkpoints
+
 SAMPLES_FILE = "samples.md"
 
 
