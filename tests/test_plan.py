@@ -19,8 +19,8 @@ from transformers import (
     Qwen2Config,
 )
 
-from align import plan
-from align.plan import (
+from align import estimate
+from align.estimate import (
     PlanError,
     chinchilla_tokens,
     compute_optimal,
@@ -78,7 +78,7 @@ def _configs():
 @pytest.mark.parametrize("name,cfg", list(_configs()), ids=[n for n, _ in _configs()])
 def test_count_parameters_exact(name, cfg):
     counts = count_parameters(cfg)
-    assert counts["source"] == "analytic"
+    assert counts["source"] == "meta"
     assert counts["total"] == _real_count(cfg)
     parts = counts["embedding"] + counts["lm_head"] + counts["attention"] + counts["mlp"] + counts["norms"]
     assert parts == counts["total"]
@@ -201,14 +201,14 @@ def test_hand_memory_lora_and_qlora():
 
 
 def test_hand_memory_sharding():
-    z2 = estimate_memory(HAND, method="full", dtype="bf16", world_size=4, zero_stage=2)
+    z2 = estimate_memory(HAND, method="full", dtype="bf16", processes=4, engine="zero2")
     assert z2["weights"] == 2 * HAND_N
     assert z2["gradients"] == 2 * HAND_N / 4 == 43424
     assert z2["optimizer"] == 12 * HAND_N / 4 == 260544
-    z3 = estimate_memory(HAND, method="full", dtype="bf16", world_size=4, fsdp=True)
+    z3 = estimate_memory(HAND, method="full", dtype="bf16", processes=4, engine="fsdp")
     # sharded weights + one gathered decoder layer (36992 params > 6400 embedding) in bf16
     assert z3["weights"] == 2 * HAND_N / 4 + 36992 * 2 == 117408
-    z1 = estimate_memory(HAND, method="full", dtype="bf16", world_size=4, zero_stage=1)
+    z1 = estimate_memory(HAND, method="full", dtype="bf16", processes=4, engine="zero1")
     assert (z1["gradients"], z1["optimizer"]) == (2 * HAND_N, 12 * HAND_N / 4)
 
 
@@ -303,7 +303,7 @@ def test_ppo_flops_by_hand():
 
 def test_format_plan():
     mem = estimate_memory(HAND, method="full", dtype="bf16", batch_size=2, seq_len=8)
-    big = {"name": "ppo-7b", "params": 7.24e9, "trainable_params": 2.1e7, "total": 3 * plan.GiB,
+    big = {"name": "ppo-7b", "params": 7.24e9, "trainable_params": 2.1e7, "total": 3 * estimate.GiB,
            "flops": 1.2e20, "seconds": 7200}
     table = format_plan([{"name": "sft", **mem, "flops": flops(HAND_N, 1e6), "seconds": 42.0}, big])
     lines = table.splitlines()
@@ -316,7 +316,7 @@ def test_format_plan():
 
 @pytest.mark.parametrize(
     "kwargs",
-    [dict(method="prefix"), dict(dtype="int3"), dict(optimizer="adam_ultra"), dict(zero_stage=5),
+    [dict(method="prefix"), dict(dtype="int3"), dict(optimizer="adam_ultra"), dict(engine="zero5"),
      dict(role="serve"), dict(attention="ring")],
 )
 def test_invalid_inputs(kwargs):

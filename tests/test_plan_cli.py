@@ -8,11 +8,15 @@ import pytest
 import torch
 
 from conftest import TINY_MODEL, run_align, write_recipe
-from align import plan
-from align.plan import (
-    _fmt_bytes, _fmt_count, _fmt_flops, _fmt_time, chinchilla_tokens, count_parameters, estimate_memory,
-    estimate_ppo_memory, estimate_time, flops, ppo_flops, value_head_parameters,
+from align import plan, plan_inputs
+from align.estimate import (
+    chinchilla_tokens, count_parameters, estimate_memory, estimate_ppo_memory, estimate_time, flops, ppo_flops,
+    value_head_parameters,
 )
+from align.estimate import fmt_bytes as _fmt_bytes
+from align.estimate import fmt_count as _fmt_count
+from align.estimate import fmt_flops as _fmt_flops
+from align.estimate import fmt_time as _fmt_time
 from align.recipe import load_recipe
 
 FPS = 1e12
@@ -177,14 +181,14 @@ def test_dataset_rows(tmp_path):
     b.write_text(json.dumps([{"text": "x"}] * 40))
     c = tmp_path / "c.csv"
     c.write_text("text\n" + "".join(f"row {i}\n" for i in range(30)))
-    assert plan.dataset_rows({"path": str(a)}) == 100
-    assert plan.dataset_rows({"path": str(b)}) == 40 and plan.dataset_rows({"path": str(c)}) == 30
-    assert plan.dataset_rows({"path": str(a), "split": "train[:25]"}) == 25
-    assert plan.dataset_rows({"path": str(a), "split": "train[:10%]"}) == 10
-    assert plan.dataset_rows({"path": str(a), "test_size": 0.2}) == 80
-    assert plan.dataset_rows([{"path": str(a), "weight": 0.5}, {"path": str(b), "weight": 2}]) == 130
-    assert plan.dataset_rows({"path": "org/hub-dataset"}) is None
-    assert plan.dataset_rows({"path": "run/task/sft.jsonl"}, {str(Path("run/task/sft.jsonl")): 7}) == 7
+    assert plan_inputs.dataset_rows({"path": str(a)}) == 100
+    assert plan_inputs.dataset_rows({"path": str(b)}) == 40 and plan_inputs.dataset_rows({"path": str(c)}) == 30
+    assert plan_inputs.dataset_rows({"path": str(a), "split": "train[:25]"}) == 25
+    assert plan_inputs.dataset_rows({"path": str(a), "split": "train[:10%]"}) == 10
+    assert plan_inputs.dataset_rows({"path": str(a), "test_size": 0.2}) == 80
+    assert plan_inputs.dataset_rows([{"path": str(a), "weight": 0.5}, {"path": str(b), "weight": 2}]) == 130
+    assert plan_inputs.dataset_rows({"path": "org/hub-dataset"}) is None
+    assert plan_inputs.dataset_rows({"path": "run/task/sft.jsonl"}, {str(Path("run/task/sft.jsonl")): 7}) == 7
 
 
 def test_missing_recipe_is_a_one_line_error(tmp_path):
