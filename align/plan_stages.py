@@ -62,6 +62,22 @@ def _reply_lengths(planner, model_path: str) -> list[int] | None:
     return (lengths or {}).get("reply")
 
 
+def _rollout_lengths(planner, stage, row, batch: int, max_prompt: int | None, max_reply: int):
+    """(expected padded prompt length, longest prompt, expected reply length) of a generation
+    batch: prompts from the stage's data, replies from what the start model learnt to reply;
+    the configured maxima where those cannot be read."""
+    cap = int(max_prompt or 0) or PPO_PROMPT_LEN
+    prompts = (planner.lengths(stage.options.get("dataset"), row["model"]) or {}).get("prompt")
+    replies = _reply_lengths(planner, row["model"])
+    if prompts:
+        prompt_len, peak = padded_length(prompts, batch, cap), min(cap, max(prompts))
+    else:
+        prompt_len = peak = cap
+        if not max_prompt:
+            row["notes"].append(f"prompt length assumed {PPO_PROMPT_LEN} tokens (max_prompt_length unset)")
+    return prompt_len, peak, padded_length(replies, batch, max_reply) if replies else max_reply
+
+
 def plan_trainer(planner, stage, row, config):
     """SFT / pretraining, reward modelling (pairs, a value head) and DPO (pairs and a frozen
     reference: a copy with full fine-tuning, the adapter switched off with LoRA)."""
@@ -124,16 +140,8 @@ def plan_ppo(planner, stage, row, config):
     cfg = stage.config()
     s = planner.settings(stage, config, notes, gradient_checkpointing=cfg.gradient_checkpointing)
     batch = cfg.per_device_train_batch_size
-    cap = cfg.max_prompt_length or PPO_PROMPT_LEN
-    prompts = (planner.lengths(stage.options.get("dataset"), row["model"]) or {}).get("prompt")
-    replies = _reply_lengths(planner, row["model"])
-    if prompts:
-        prompt_len, peak_prompt = padded_length(prompts, batch, cap), min(cap, max(prompts))
-    else:
-        prompt_len = peak_prompt = cap
-        if not cfg.max_prompt_length:
-            notes.append(f"prompt length assumed {PPO_PROMPT_LEN} tokens (max_prompt_length unset)")
-    response_len = padded_length(replies, batch, cfg.response_length) if replies else cfg.response_length
+    prompt_len, peak_prompt, response_len = _rollout_lengths(planner, stage, row, batch, cfg.max_prompt_length,
+                                                             cfg.response_length)
     reward_path = stage.options.get("reward_model")
     value_path = stage.options.get("value_model") or reward_path
     reward_config = value_config = None
@@ -209,19 +217,11 @@ def plan_online(planner, stage, row, config):
     accum = int(planner.arg(stage, "gradient_accumulation_steps", 1))
     per_generation = int(planner.arg(stage, "steps_per_generation", accum))
     iterations = int(planner.arg(stage, "num_iterations", 1))
-    cap = int(planner.arg(stage, "max_prompt_length", 0)) or PPO_PROMPT_LEN
     completion_cap = int(planner.arg(stage, "max_completion_length", 512))
     beta = float(planner.arg(stage, "beta", 0.0))
     gen_batch = batch * per_generation
-    prompts = (planner.lengths(stage.options.get("dataset"), row["model"]) or {}).get("prompt")
-    replies = _reply_lengths(planner, row["model"])
-    if prompts:
-        prompt_len, peak_prompt = padded_length(prompts, gen_batch, cap), min(cap, max(prompts))
-    else:
-        prompt_len = peak_prompt = cap
-        if not planner.arg(stage, "max_prompt_length", None):
-            notes.append(f"prompt length assumed {PPO_PROMPT_LEN} tokens (max_prompt_length unset)")
-    completion_len = padded_length(replies, gen_batch, completion_cap) if replies else completion_cap
+    prompt_len, peak_prompt, completion_len = _rollout_lengths(
+        planner, stage, row, gen_batch, planner.arg(stage, "max_prompt_length", None), completion_cap)
     seq = prompt_len + completion_len
     s = planner.settings(stage, config, notes, gradient_checkpointing=_gradient_checkpointing(planner, stage))
     n_policy = count_parameters(config)["total"]
@@ -266,5 +266,5 @@ def plan_online(planner, stage, row, config):
               (accum * iterations, lambda: policy.train(batch, T)), (1, policy.optimizer_step)]
     passes += [(rounds, lambda: reward.forward(gen_batch, T))] if reward else []
     passes += [(rounds, lambda: base.forward(gen_batch, T))] if beta > 0 else []
-    passes += [(rounds, lambda: policy.forward(gen_batch, T))] if iterations > 1 else []
+    passes += [(rounds, lambda: policy.forward(gen_batch, T))]  # old log-probs (RLOO always computes them)
     row["seconds"] = planner.seconds(row, config, s, row["flops"], passes, steps, batch * seq)

@@ -10,11 +10,15 @@ and rloo 8; no eval stage) runs in a temporary folder:
   3. measure: each of sft, reward, ppo, dpo, rloo in a fresh `align run --stage` process.
 
 Measured, per stage:
-  time    the median wall time of one training step: the interval between consecutive
-          `on_step_end` callbacks of the transformers Trainer (TRL stages: forward, backward,
-          optimizer step, data collation, RLOO's generation and scoring), PPO's own per-step
-          `seconds` in its log history (rollout + update). The first step is dropped (lazy
-          initialisation).
+  time    the median time of one training step: the interval between consecutive step ends
+          (the transformers Trainer's `on_step_end` callbacks for TRL stages: forward, backward,
+          optimizer step, data collation, RLOO's generation and scoring; the PPO trainer's
+          per-step log record: rollout + update), the first step dropped (lazy initialisation).
+          Each interval counts as the smaller of its wall time and the process's CPU time per
+          thread, as the planner's probes count (align.estimate.compute.busy_seconds): on this
+          shared machine wall time mostly measures the other jobs (load averages of 5-9 on 2
+          cores), CPU time the run's own work; with one thread on an idle machine they agree.
+          The median wall time is printed too.
   memory  the peak resident set of the stage's process (`ru_maxrss` of that child, from
           os.wait4). The bench's own process imports nothing heavy, so the child's peak is its own.
 
@@ -84,23 +88,28 @@ def run_child(args: list[str], env: dict, log: Path) -> tuple[int, int]:
 
 
 def stage_worker(recipe: str, stage: str, times_file: str):
-    """Run one stage with `align run --stage`, recording when every Trainer step ends."""
+    """Run one stage with `align run --stage`, recording wall and CPU time when every step ends:
+    the Trainer's `on_step_end` callbacks (TRL stages), the PPO trainer's per-step log record."""
     from transformers import trainer_callback
 
-    ends: list[float] = []
-    original = trainer_callback.CallbackHandler.on_step_end
+    from align.ppo.trainer import PPOTrainer
 
-    def on_step_end(self, *args, **kwargs):
-        ends.append(time.perf_counter())
-        return original(self, *args, **kwargs)
+    ends: list[tuple[float, float]] = []
 
-    trainer_callback.CallbackHandler.on_step_end = on_step_end
+    def recording(original):
+        def wrapper(*args, **kwargs):
+            ends.append((time.perf_counter(), time.process_time()))
+            return original(*args, **kwargs)
+        return wrapper
+
+    trainer_callback.CallbackHandler.on_step_end = recording(trainer_callback.CallbackHandler.on_step_end)
+    PPOTrainer._write_log = recording(PPOTrainer._write_log)
     from align.cli import main
 
     try:
         main(["run", recipe, "--stage", stage])
     finally:
-        Path(times_file).write_text(json.dumps([b - a for a, b in zip(ends, ends[1:])]))
+        Path(times_file).write_text(json.dumps([(b[0] - a[0], b[1] - a[1]) for a, b in zip(ends, ends[1:])]))
 
 
 def plan_worker(recipe: str, out: str):
@@ -108,7 +117,7 @@ def plan_worker(recipe: str, out: str):
     from align.recipe import load_recipe
 
     rows = plan_recipe(load_recipe(recipe))
-    keep = ("name", "seconds", "steps", "total", "runtime", "flops", "seq_len", "notes", "rate")
+    keep = ("name", "seconds", "steps", "step_seconds", "total", "runtime", "flops", "seq_len", "notes")
     Path(out).write_text(json.dumps([{k: r.get(k) for k in keep} for r in rows], default=str))
 
 
@@ -138,25 +147,22 @@ def main():
         sys.exit(f"plan failed: see {work / 'plan.log'}")
     plan = {r["name"]: r for r in json.loads((work / "plan.json").read_text())}
 
-    print(f"{'stage':<7} {'time':>5} {'memory':>7}   planned/measured: s/step, MiB peak RSS")
+    print(f"{'stage':<7} {'time':>5} {'memory':>7}   planned/measured: s/step (busy), MiB peak RSS")
     for stage in MEASURED:
         times = work / f"{stage}.times.json"
         rc, peak = run_child([__file__, "--stage-worker", str(recipe), stage, str(times)], env,
                              work / f"{stage}.log")
         if rc:
             sys.exit(f"stage {stage} failed: see {work / f'{stage}.log'}")
-        if stage == "ppo":
-            history = work / "run" / stage / "log_history.jsonl"
-            steps = [json.loads(line)["seconds"] for line in history.read_text().splitlines() if line.strip()]
-        else:
-            steps = json.loads(times.read_text())
-        measured_step = statistics.median(steps[1:] if len(steps) > 2 else steps)
+        steps = json.loads(times.read_text())  # (wall, CPU) seconds between step ends: the first step dropped
+        wall = statistics.median(w for w, _ in steps)
+        measured_step = statistics.median(min(w, c / args.threads) for w, c in steps)
         row = plan[stage]
-        planned_step = row["seconds"] / (row.get("steps") or STEPS[stage])
+        planned_step = row["seconds"] / row["steps"]
         planned_mem = row["total"] + (row.get("runtime") or 0)
         print(f"{stage:<7} {planned_step / measured_step:5.2f} {planned_mem / peak:7.2f}   "
-              f"{planned_step:.3f}/{measured_step:.3f} s, {planned_mem / 2**20:.0f}/{peak / 2**20:.0f} MiB",
-              flush=True)
+              f"{planned_step:.3f}/{measured_step:.3f} s (wall {wall:.3f} s), "
+              f"{planned_mem / 2**20:.0f}/{peak / 2**20:.0f} MiB", flush=True)
     print(f"work folder: {work}")
 
 

@@ -103,23 +103,35 @@ _MEASURED: dict[tuple, float] = {}
 
 #: Most FLOPs one probe matmul may take: ~10 ms at 50 GFLOP/s, so large models stay quick.
 PROBE_FLOPS = 5e8
-#: Wall time spent timing each shape (after one warm-up call).
+#: Time spent timing each shape (after one warm-up call).
 PROBE_SECONDS = 0.03
 
 
-def _timed(fn, seconds: float = PROBE_SECONDS) -> float:
-    """Seconds per call of ``fn``: the best of repeated runs of a few calls each (the best, since a
-    shared machine only ever adds time)."""
+def busy_seconds(fn) -> float:
+    """Seconds ``fn`` takes on this machine when no other job competes: the smaller of its wall
+    time and the process's CPU time per intra-op thread. On a shared machine the others' load
+    only adds waiting (wall time), not work (CPU time); on an idle one the two agree, torch's
+    threads spinning while they wait. Plans predict the machine's own speed; the bench
+    (bench/plan_accuracy.py) measures runs the same way."""
+    import torch
+
+    wall, cpu = time.perf_counter(), time.process_time()
     fn()
-    best, spent, calls = math.inf, 0.0, 1
-    while spent < seconds:
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        took = time.perf_counter() - start
-        best, spent = min(best, took / calls), spent + took
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    return min(wall, cpu / max(torch.get_num_threads(), 1))
+
+
+def _timed(fn, seconds: float = PROBE_SECONDS) -> float:
+    """Seconds per call of ``fn`` (:func:`busy_seconds`): the median of runs of a few calls each,
+    until ``seconds`` are spent, after one warm-up call."""
+    fn()
+    runs, spent, calls = [], 0.0, 1
+    while spent < seconds or len(runs) < 3:
+        took = busy_seconds(lambda: [fn() for _ in range(calls)])
+        runs.append(took / calls)
+        spent += took
         calls = min(calls * 2, 64)
-    return best
+    return sorted(runs)[len(runs) // 2]
 
 
 def matmul_rate(shapes, dtype: str = "fp32") -> float:

@@ -9,15 +9,17 @@ sampling. Rather than a constant for each, :class:`ModelProbe` builds the model 
 weights, from its config) when it is small (:data:`PROBE_MAX_PARAMS`) and times the passes a stage
 will run, at the stage's batch and sequence lengths, in this process with its thread setting:
 a forward + backward, a no-grad forward, ``generate`` of n tokens, an AdamW step. Timings are
-cached per process; each probe is repeated (:data:`PROBE_REPEATS`) and the median kept, so a
-shared machine's load shows in the probe as it will in the run.
+cached per process; each probe is repeated (:data:`PROBE_REPEATS`), each run counted as
+:func:`align.estimate.compute.busy_seconds` (the machine's own speed, not its neighbours' load),
+and the median kept.
 """
 
 from __future__ import annotations
 
 import statistics
-import time
 from typing import Any
+
+from align.estimate.compute import busy_seconds
 
 #: Largest model (parameters) the probes build; beyond it FLOPs / measured matmul rate is used,
 #: matmuls then being most of the time.
@@ -31,12 +33,7 @@ _TIMES: dict[tuple, float] = {}
 
 def _median_seconds(fn, repeats: int = PROBE_REPEATS) -> float:
     fn()  # warm-up: lazily initialised kernels, allocator pools
-    runs = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        runs.append(time.perf_counter() - start)
-    return statistics.median(runs)
+    return statistics.median(busy_seconds(fn) for _ in range(repeats))
 
 
 class ModelProbe:
