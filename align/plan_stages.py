@@ -16,7 +16,6 @@ from align.estimate import (
     chinchilla_tokens, count_parameters, estimate_memory, estimate_online_memory, estimate_ppo_memory, flops,
     ppo_flops, score_parameters,
 )
-from align.estimate.compute import gpu_peak_flops
 from align.estimate.probe import ModelProbe
 from align.plan_inputs import padded_length
 
@@ -35,10 +34,10 @@ def _adapters(s):
 
 
 def _gradient_checkpointing(planner, stage) -> bool:
-    if "gradient_checkpointing" in stage.args:
-        return bool(stage.args["gradient_checkpointing"])
-    # align turns TRL's default (on) off on CPU, where it only costs time (align.training).
-    return bool(planner.arg(stage, "gradient_checkpointing", False)) and gpu_peak_flops() is not None
+    """The stage's field, else its config class's default: TRL's is on. (align.training means to
+    turn that default off on a CPU, but only does so for a value the recipe set, which it then
+    keeps: the bench measured TRL stages on a CPU recomputing every layer in backward.)"""
+    return bool(planner.arg(stage, "gradient_checkpointing", False))
 
 
 def _label(targets) -> str:
@@ -126,7 +125,8 @@ def plan_trainer(planner, stage, row, config):
     if reference:
         total += flops(n, row["tokens"], per_param_token=2.0)  # reference log-probs
     row["flops"] = total
-    model = ModelProbe(config, head="value" if value_head else "lm", adapters=_adapters(s))
+    model = ModelProbe(config, head="value" if value_head else "lm", adapters=_adapters(s),
+                       checkpointing=s.gradient_checkpointing)
     L = round(seq)
     passes = [(accum, lambda: model.train(per_batch, L)), (1, model.optimizer_step)]
     if reference:
@@ -190,9 +190,10 @@ def plan_ppo(planner, stage, row, config):
                   train_per_param_token=6.0 if s.method == "full" else 4.0, reuse_rollout_pass=reuse)
     row["flops"], row["flops_split"] = f["total"], f
 
-    adapters = _adapters(s)
-    policy, base = ModelProbe(config, adapters=adapters), ModelProbe(config)
-    critic = None if cfg.value_head_on_policy else ModelProbe(value_config or config, head="value", adapters=adapters)
+    adapters, ckpt = _adapters(s), s.gradient_checkpointing
+    policy, base = ModelProbe(config, adapters=adapters, checkpointing=ckpt), ModelProbe(config)
+    critic = None if cfg.value_head_on_policy else ModelProbe(value_config or config, head="value",
+                                                              adapters=adapters, checkpointing=ckpt)
     reward = ModelProbe(reward_config or config, head="value") if reward_path else None
     P, T, micro = round(prompt_len), round(seq), max(batch // updates, 1)
     passes = [(1, lambda: policy.generate(batch, P, round(response_len))),
@@ -258,7 +259,8 @@ def plan_online(planner, stage, row, config):
     per_token = (6.0 if s.method == "full" else 4.0) * iterations
     row["flops"] = (forwards + per_token * n_policy) * row["tokens"]
 
-    policy, base = ModelProbe(config, adapters=_adapters(s)), ModelProbe(config)
+    policy = ModelProbe(config, adapters=_adapters(s), checkpointing=s.gradient_checkpointing)
+    base = ModelProbe(config)
     reward = ModelProbe(reward_config, head="value") if reward_config is not None else None
     P, T = round(prompt_len), round(seq)
     rounds = accum / (per_generation * iterations)  # generation rounds per optimizer step

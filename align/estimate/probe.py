@@ -40,13 +40,14 @@ class ModelProbe:
     """A randomly initialised copy of a small model, timed at the shapes a stage will use.
 
     ``head="value"`` builds the one-logit sequence classifier (reward model, critic);
+    ``checkpointing`` turns on gradient checkpointing as the stage will;
     ``adapters`` (a peft ``LoraConfig`` keyword dict, or None) wraps it with LoRA as the stage
     will, since adapters add their own ops to every targeted linear layer.
     """
 
-    def __init__(self, config, *, head: str = "lm", adapters: dict | None = None):
-        self.key = (type(config).__name__, config.to_json_string(use_diff=False), head, repr(adapters))
-        self.config, self.head, self.adapters = config, head, adapters
+    def __init__(self, config, *, head: str = "lm", adapters: dict | None = None, checkpointing: bool = False):
+        self.key = (type(config).__name__, config.to_json_string(use_diff=False), head, repr(adapters), checkpointing)
+        self.config, self.head, self.adapters, self.checkpointing = config, head, adapters, checkpointing
 
     @property
     def model(self):
@@ -69,6 +70,8 @@ class ModelProbe:
         else:
             model = AutoModelForCausalLM.from_config(config)
         model = model.float()
+        if self.checkpointing:  # each layer's forward runs again during backward
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if self.adapters is not None:
             from peft import LoraConfig, get_peft_model
 
