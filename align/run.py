@@ -97,7 +97,6 @@ def run(recipe: Recipe, only: str | None = None, dry_run: bool = False):
     if dry_run:
         from align import plan
 
-        ctx.log(plan_text(recipe))
         ctx.log(plan.plan_text(recipe))
         return
     if ctx.is_main:
@@ -148,15 +147,6 @@ def summary_line(stage, metrics: dict) -> str:
 
 def _duration(seconds: float) -> str:
     return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
-
-
-def plan_text(recipe: Recipe) -> str:
-    lines = [f"recipe '{recipe.name}' is valid; outputs in {recipe.output_dir}"]
-    for stage in recipe.stages:
-        state = "finished" if rundir.is_complete(stage) else "to run"
-        model = stage.options.get("model", "")
-        lines.append(f"  {stage.name:<10} {stage.type:<9} {state:<9} {model}")
-    return "\n".join(lines)
 
 
 def _quiet_workers():
