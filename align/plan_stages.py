@@ -16,6 +16,7 @@ from align.estimate import (
     chinchilla_tokens, count_parameters, estimate_memory, estimate_online_memory, estimate_ppo_memory, flops,
     ppo_flops, score_parameters,
 )
+from align.estimate.compute import gpu_peak_flops
 from align.estimate.probe import ModelProbe
 from align.plan_inputs import padded_length
 
@@ -34,10 +35,11 @@ def _adapters(s):
 
 
 def _gradient_checkpointing(planner, stage) -> bool:
-    """The stage's field, else its config class's default: TRL's is on. (align.training means to
-    turn that default off on a CPU, but only does so for a value the recipe set, which it then
-    keeps: the bench measured TRL stages on a CPU recomputing every layer in backward.)"""
-    return bool(planner.arg(stage, "gradient_checkpointing", False))
+    """The stage's field, else align's default: off on a CPU (align.training), else its config
+    class's default (TRL's is on)."""
+    if "gradient_checkpointing" in stage.args or gpu_peak_flops() is not None:
+        return bool(planner.arg(stage, "gradient_checkpointing", False))
+    return False
 
 
 def _label(targets) -> str:

@@ -22,7 +22,9 @@ def trainer_config(stage, ctx, **stage_defaults):
     """The stage's TRL config: recipe fields win over stage defaults, which win over align's.
 
     align's defaults make a run work anywhere: checkpoints inside the stage folder, no external
-    loggers, and fp32 on machines without CUDA (TRL defaults to bf16, which refuses CPU).
+    loggers, and on machines without CUDA fp32 (TRL defaults to bf16, which refuses CPU) and no
+    gradient checkpointing (TRL's default; on a CPU it only recomputes every layer, for memory a
+    CPU has plenty of).
     """
     on_gpu = torch.cuda.is_available()
     defaults = {
@@ -34,12 +36,10 @@ def trainer_config(stage, ctx, **stage_defaults):
         "logging_steps": 5,
         "ddp_find_unused_parameters": False,
         "disable_tqdm": not ctx.is_main,
-        **({} if on_gpu else {"use_cpu": True, "bf16": False}),
+        **({} if on_gpu else {"use_cpu": True, "bf16": False, "gradient_checkpointing": False}),
         **stage_defaults,
     }
     args = {**defaults, **stage.args}
-    if args.get("gradient_checkpointing") and not on_gpu and "gradient_checkpointing" not in stage.args:
-        args["gradient_checkpointing"] = False
     try:
         return stage.module.Config(**args)
     except (ValueError, TypeError) as e:
