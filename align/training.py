@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from align import data, models, rundir
+from align import data, distributed, models, rundir
 from align.errors import AlignError, first_line, suggest
 from align.recipe import check_keys, coerce
 
@@ -34,7 +34,7 @@ def trainer_config(stage, ctx, **stage_defaults):
         "logging_steps": 5,
         "ddp_find_unused_parameters": False,
         "disable_tqdm": not ctx.is_main,
-        **({} if on_gpu else {"use_cpu": True, "bf16": False}),
+        **distributed.trainer_device_args(),
         **stage_defaults,
     }
     args = {**defaults, **stage.args}
@@ -68,19 +68,9 @@ def check_training_fields(stage):
     check_sharding(stage)
 
 
-def sharding() -> str | None:
-    """'zero3' or 'fsdp' when `accelerate launch` shards weights across processes, else None."""
-    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
-        return "fsdp"
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" and \
-            os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3":
-        return "zero3"
-    return None
-
-
 def check_sharding(stage):
     """Refuse the combinations that fail deep inside a sharded run (axolotl #207 #1240)."""
-    mode = sharding()
+    mode = distributed.sharding()
     if mode is None:
         return
     where = f"stages.{stage.name}"
@@ -177,7 +167,8 @@ def load_policy(stage, ctx, kind: str = "causal-lm"):
     path = ctx.recipe.start_model(stage)
     trust = bool(ctx.model.get("trust_remote_code", False))
     tokenizer = models.load_tokenizer(path, trust_remote_code=trust)
-    with ctx.state.main_process_first():  # a merged adapter copy is written once, then read by all
+    # A merged adapter copy is written once, then read by all; weights load whole (see distributed).
+    with ctx.state.main_process_first(), distributed.whole_weights():
         model = models.load_model(
             path, kind=kind, dtype=ctx.model.get("dtype", "auto"), quantization=stage.options.get("quantization"),
             trust_remote_code=trust, revision=ctx.model.get("revision") if path == ctx.model.get("name_or_path")
