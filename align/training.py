@@ -78,10 +78,9 @@ def check_sharding(stage):
     if quant.get("load_in_4bit") and not quant.get("bnb_4bit_quant_storage"):
         raise AlignError(f"{where}.quantization: QLoRA under {mode} shards the 4-bit weights, which needs "
                          f"`bnb_4bit_quant_storage` equal to the compute dtype, e.g. bnb_4bit_quant_storage: bfloat16")
-    if stage.type == "ppo":
-        raise AlignError(f"{where}: PPO generates with the whole policy on every process; run it with DDP or "
-                         f"DeepSpeed ZeRO-2 (recipes/accelerate/ddp.yaml, zero2.yaml), with LoRA so one base "
-                         f"serves every role, not {mode}")
+    if stage.type == "ppo" and mode == "fsdp":
+        raise AlignError(f"{where}: PPO's hand-driven update is not wired to FSDP; shard it with DeepSpeed ZeRO-3 "
+                         f"(recipes/accelerate/zero3.yaml), or use ZeRO-2 / DDP when the weights fit")
 
 
 def _bnb_fields():
