@@ -166,7 +166,7 @@ class DeepSpeed(Plain):
 
     def clip(self) -> tuple[float, float]:
         groups = [self._local_grads(self.policy_params), self._local_grads(self.critic_params)]
-        squares = torch.tensor([sum(float(g.float().pow(2).sum()) for g in grads) for grads in groups],
+        squares = torch.tensor([sum(float(g.float().pow(2).sum()) for _, g in grads) for grads in groups],
                                dtype=torch.float64, device=self.accelerator.device)
         if self.accelerator.num_processes > 1:
             torch.distributed.all_reduce(squares)
@@ -175,8 +175,8 @@ class DeepSpeed(Plain):
             for grads, norm in zip(groups, norms):
                 coef = min(1.0, self.config.max_grad_norm / (norm + 1e-6))  # torch's clip_grad_norm_ rule
                 if coef < 1.0:
-                    for g in grads:
-                        self._scale(g, coef)
+                    for item in grads:
+                        self._scale(item, coef)
         return norms[0], norms[1]
 
     def _local_grads(self, params) -> list:

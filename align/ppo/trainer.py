@@ -59,6 +59,7 @@ def make_accelerator(config: PPOConfig, output_dir):
     """
     from accelerate import Accelerator
     from accelerate.tracking import TensorBoardTracker
+    from accelerate.utils import GradientAccumulationPlugin
     from transformers.integrations.integration_utils import default_logdir
 
     distributed.reset_process_state()
@@ -69,7 +70,12 @@ def make_accelerator(config: PPOConfig, output_dir):
     checkpoints = Path(output_dir) / CHECKPOINTS
     trackers = [TensorBoardTracker(default_logdir(), checkpoints) if name == "tensorboard" else name
                 for name in config.trackers()]
-    return Accelerator(cpu=cpu, mixed_precision=config.mixed_precision, log_with=trackers, project_dir=checkpoints)
+    # PPO accumulates micro-batches itself (align.ppo.engine); only DeepSpeed's engine is told how many.
+    accumulation = GradientAccumulationPlugin(
+        num_steps=config.gradient_accumulation_steps if distributed.engine() == "deepspeed" else 1,
+        sync_with_dataloader=False)
+    return Accelerator(cpu=cpu, mixed_precision=config.mixed_precision, log_with=trackers, project_dir=checkpoints,
+                       gradient_accumulation_plugin=accumulation)
 
 
 class PPOTrainer:
