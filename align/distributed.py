@@ -101,3 +101,17 @@ def whole_weights():
         yield
     finally:
         hf_deepspeed._hf_deepspeed_config_weak_ref = saved
+
+
+def in_use() -> str:
+    """What the last stage really ran under, read from accelerate's state (not the launch
+    flags, which accelerate may have ignored): "zero2", "zero3", "fsdp", "ddp" or "single"."""
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType
+
+    kind = AcceleratorState._shared_state.get("distributed_type")
+    if kind == DistributedType.DEEPSPEED and AcceleratorState._shared_state.get("deepspeed_plugins"):
+        return f"zero{AcceleratorState().deepspeed_plugin.zero_stage}"
+    if kind == DistributedType.FSDP:
+        return "fsdp"
+    return "ddp" if PartialState().num_processes > 1 else "single"

@@ -118,6 +118,7 @@ def run(recipe: Recipe, only: str | None = None, dry_run: bool = False):
         metrics = stage.module.run(stage, ctx) or {}
         metrics["stage_seconds"] = round(time.time() - start, 2)
         metrics["world_size"] = state.num_processes
+        metrics["engine"] = distributed.in_use()
         ctx.wait()
         if ctx.is_main:
             rundir.mark_complete(stage, metrics)
