@@ -49,13 +49,18 @@ def on_gpu() -> bool:
     return torch.cuda.is_available()
 
 
+def deepspeed_on_cpu() -> bool:
+    """A DeepSpeed launch on a machine without CUDA: it needs gloo, and no CPU flag."""
+    return engine() == "deepspeed" and "LOCAL_RANK" in os.environ and not on_gpu()
+
+
 def process_state():
     """The PartialState of this launch, with a real process group on CPU too."""
     from accelerate import PartialState
 
     if on_gpu():
         return PartialState()
-    if engine() == "deepspeed":
+    if deepspeed_on_cpu():
         return PartialState(backend="gloo")
     return PartialState(cpu=True)
 
@@ -78,7 +83,7 @@ def trainer_device_args() -> dict:
     would silently turn off; DeepSpeed then gets gloo."""
     if on_gpu():
         return {}
-    if engine() == "deepspeed":
+    if deepspeed_on_cpu():
         return {"ddp_backend": "gloo", "bf16": False}
     return {"use_cpu": True, "bf16": False}
 

@@ -70,6 +70,9 @@ def check_training_fields(stage):
 
 def check_sharding(stage):
     """Refuse the combinations that fail deep inside a sharded run (axolotl #207 #1240)."""
+    if stage.type == "ppo" and distributed.zero_stage() in (0, 1):
+        raise AlignError(f"stages.{stage.name}: PPO under DeepSpeed needs ZeRO stage 2 or 3 (its per-network "
+                         f"clipping reads ZeRO's gradient partitions); use recipes/accelerate/zero2.yaml or zero3.yaml")
     mode = distributed.sharding()
     if mode is None:
         return

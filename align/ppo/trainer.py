@@ -63,7 +63,7 @@ def make_accelerator(config: PPOConfig, output_dir):
     from transformers.integrations.integration_utils import default_logdir
 
     distributed.reset_process_state()
-    cpu = not torch.cuda.is_available() and distributed.engine() != "deepspeed"  # cpu=True turns DeepSpeed off
+    cpu = not torch.cuda.is_available() and not distributed.deepspeed_on_cpu()  # cpu=True turns DeepSpeed off
     # TensorBoard goes where transformers puts it for the other stages, whose output_dir is the
     # checkpoint folder: checkpoints/runs/<date>_<host>. accelerate would name the folder after
     # the project, which trackio and wandb need as their project.
