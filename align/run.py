@@ -64,12 +64,11 @@ def _preflight(recipe: Recipe, todo, dry_run: bool):
 
 
 def run(recipe: Recipe, only: str | None = None, dry_run: bool = False):
-    import torch
-    from accelerate import PartialState
     from transformers import set_seed
 
-    # Without CUDA, accelerate only starts the gloo process group when asked for the CPU.
-    state = PartialState(cpu=not torch.cuda.is_available())
+    from align import distributed
+
+    state = distributed.process_state()  # a real process group on CPU too
     ctx = Context(recipe, state)
     selected = [recipe.stage(only)] if only else recipe.stages
     if only:
@@ -118,6 +117,7 @@ def run(recipe: Recipe, only: str | None = None, dry_run: bool = False):
         metrics = stage.module.run(stage, ctx) or {}
         metrics["stage_seconds"] = round(time.time() - start, 2)
         metrics["world_size"] = state.num_processes
+        metrics["engine"] = distributed.in_use()
         ctx.wait()
         if ctx.is_main:
             rundir.mark_complete(stage, metrics)
