@@ -11,10 +11,43 @@ from __future__ import annotations
 
 import os
 from contextlib import contextmanager
+from typing import Mapping
 
 
-def _flag(name: str) -> bool:
-    return os.environ.get(name, "").lower() in ("1", "true", "yes")
+def launched(environ: Mapping[str, str] | None = None) -> tuple[str, int]:
+    """(engine, processes) from what ``accelerate launch`` puts in the environment.
+
+    DeepSpeed: ``ACCELERATE_USE_DEEPSPEED=true`` with ``ACCELERATE_DEEPSPEED_ZERO_STAGE`` (0 is
+    plain data parallelism; without it, ``zero_optimization.stage`` of the JSON file in
+    ``ACCELERATE_DEEPSPEED_CONFIG_FILE``). FSDP: ``ACCELERATE_USE_FSDP=true``; ``FSDP_SHARDING_STRATEGY``
+    SHARD_GRAD_OP (FSDP1) or ``FSDP_RESHARD_AFTER_FORWARD=false`` (FSDP2) keep whole weights
+    between forward and backward, which peaks like ZeRO-2; NO_SHARD is DDP. Processes:
+    ``WORLD_SIZE``.
+    """
+    env = os.environ if environ is None else environ
+    processes = int(env.get("WORLD_SIZE") or 1)
+    if _flag("ACCELERATE_USE_DEEPSPEED", env):
+        stage = env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") or _zero_stage_of(env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE"))
+        stage = int(stage or 0)  # DeepSpeed's own default is stage 0
+        return ("ddp", "zero1", "zero2", "zero3")[min(max(stage, 0), 3)], processes
+    if _flag("ACCELERATE_USE_FSDP", env):
+        strategy = env.get("FSDP_SHARDING_STRATEGY", "").upper()
+        if strategy in ("NO_SHARD", "3"):
+            return "ddp", processes
+        if strategy in ("SHARD_GRAD_OP", "2") or env.get("FSDP_RESHARD_AFTER_FORWARD", "").lower() == "false":
+            return "zero2", processes
+        return "fsdp", processes
+    return "ddp", processes
+
+
+def _zero_stage_of(path) -> int | None:
+    import json
+
+    try:
+        with open(path) as f:
+            return int(json.load(f)["zero_optimization"]["stage"])
+    except (TypeError, OSError, ValueError, KeyError):
+        return None
 
 
 def engine() -> str | None:
@@ -30,17 +63,17 @@ def zero_stage() -> int | None:
     """The DeepSpeed ZeRO stage of the launch (None without DeepSpeed)."""
     if engine() != "deepspeed":
         return None
-    stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
-    return int(stage) if stage and stage.isdigit() else None
+    return {"ddp": 0, "zero1": 1, "zero2": 2, "zero3": 3}[launched()[0]]
 
 
 def sharding() -> str | None:
     """'zero3' or 'fsdp' when the launch shards the weights themselves across processes."""
-    if engine() == "fsdp":
-        return "fsdp"
-    if zero_stage() == 3:
-        return "zero3"
-    return None
+    name = launched()[0]
+    return name if name in ("zero3", "fsdp") else None
+
+
+def _flag(name: str, environ: Mapping[str, str] | None = None) -> bool:
+    return (os.environ if environ is None else environ).get(name, "").lower() in ("1", "true", "yes")
 
 
 def on_gpu() -> bool:

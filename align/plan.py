@@ -17,10 +17,10 @@ import math
 import os
 from typing import Any
 
-from align import plan_inputs
+from align import distributed, plan_inputs
 from align.errors import AlignError, first_line
 from align.estimate import (
-    DTYPE_BYTES, OPTIMIZERS, Settings, chinchilla_tokens, count_parameters, engine_from_env, estimate_time,
+    DTYPE_BYTES, OPTIMIZERS, Settings, chinchilla_tokens, count_parameters, estimate_time,
     fmt_count, format_plan, model_matmul_rate,
 )
 from align.estimate.compute import gpu_peak_flops
@@ -122,9 +122,9 @@ def plan_recipe(recipe, *, flops_per_second: float | None = None, world_size: in
     ``gradient_checkpointing``, ``dtype``, ``examples``, ``sequences``, ``steps``, ``tokens``,
     ``chinchilla_tokens``, ``notes``) plus the memory estimate's keys, ``runtime`` (CPU), ``flops``
     and ``seconds`` where they can be computed. The engine and process count come from the
-    arguments, else from what ``accelerate launch`` sets (align.estimate.engine_from_env). A stage
+    arguments, else from what ``accelerate launch`` sets (align.distributed.launched). A stage
     whose model config cannot be read gets a note instead of numbers, and planning goes on."""
-    env_engine, env_processes = engine_from_env()
+    env_engine, env_processes = distributed.launched()
     processes = int(world_size or env_processes)
     planner = Planner(recipe, engine or env_engine, processes, flops_per_second or gpu_peak_flops())
     runtime = None if _on_gpu() else resident_bytes()

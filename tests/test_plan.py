@@ -506,7 +506,7 @@ def test_memory_per_device_for_each_engine(engine, weights, gradients, optimizer
 
 
 def test_engine_from_accelerate_environment(tmp_path):
-    from align.estimate import engine_from_env
+    from align.distributed import launched as engine_from_env
 
     assert engine_from_env({}) == ("ddp", 1)
     assert engine_from_env({"WORLD_SIZE": "8"}) == ("ddp", 8)

@@ -23,12 +23,12 @@ from align.estimate.params import (
     DTYPE_BYTES, GiB, MiB, PlanError, count_parameters, lora_parameters, lora_target_names, score_parameters,
     value_head_parameters,
 )
-from align.estimate.settings import ENGINES, OPTIMIZERS, Settings, engine_from_env, settings
+from align.estimate.settings import ENGINES, OPTIMIZERS, Settings, settings
 from align.estimate.table import fmt_bytes, fmt_count, fmt_flops, fmt_time, format_plan
 
 __all__ = [
     "ADAPTER_BYTES", "DTYPE_BYTES", "ENGINES", "GiB", "MiB", "OPTIMIZERS", "PEAK_FLOPS", "PlanError", "Settings",
-    "activation_bytes", "chinchilla_tokens", "compute_optimal", "count_parameters", "engine_from_env",
+    "activation_bytes", "chinchilla_tokens", "compute_optimal", "count_parameters", 
     "estimate_memory", "estimate_online_memory", "estimate_ppo_memory", "estimate_time", "flops", "fmt_bytes",
     "fmt_count", "fmt_flops", "fmt_time", "format_plan", "kv_cache_bytes", "lora_parameters",
     "lora_target_names", "matmul_rate", "model_matmul_rate", "nf4_bytes_per_param", "ppo_flops",

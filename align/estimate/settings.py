@@ -4,8 +4,7 @@ engine (DDP, DeepSpeed ZeRO, FSDP) that decides what each process holds."""
 from __future__ import annotations
 
 import dataclasses
-import os
-from typing import Iterable, Mapping
+from typing import Iterable
 
 from align.estimate.params import PlanError, dtype_bytes
 
@@ -87,39 +86,3 @@ class Settings:
 def settings(base: Settings | None = None, **fields) -> Settings:
     """``base`` (or the defaults) with ``fields`` replaced: ``settings(dtype="fp32", batch_size=8)``."""
     return (base or Settings()).with_(**fields)
-
-
-def engine_from_env(environ: Mapping[str, str] | None = None) -> tuple[str, int]:
-    """(engine, processes) from what ``accelerate launch`` puts in the environment.
-
-    DeepSpeed: ``ACCELERATE_USE_DEEPSPEED=true`` with ``ACCELERATE_DEEPSPEED_ZERO_STAGE`` (0 is
-    plain data parallelism; without it, ``zero_optimization.stage`` of the JSON file in
-    ``ACCELERATE_DEEPSPEED_CONFIG_FILE``). FSDP: ``ACCELERATE_USE_FSDP=true``; ``FSDP_SHARDING_STRATEGY``
-    SHARD_GRAD_OP (FSDP1) or ``FSDP_RESHARD_AFTER_FORWARD=false`` (FSDP2) keep whole weights
-    between forward and backward, which peaks like ZeRO-2; NO_SHARD is DDP. Processes:
-    ``WORLD_SIZE``.
-    """
-    env = os.environ if environ is None else environ
-    processes = int(env.get("WORLD_SIZE") or 1)
-    if env.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
-        stage = env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") or _zero_stage_of(env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE"))
-        stage = int(stage or 0)  # DeepSpeed's own default is stage 0
-        return ("ddp", "zero1", "zero2", "zero3")[min(max(stage, 0), 3)], processes
-    if env.get("ACCELERATE_USE_FSDP", "").lower() == "true":
-        strategy = env.get("FSDP_SHARDING_STRATEGY", "").upper()
-        if strategy in ("NO_SHARD", "3"):
-            return "ddp", processes
-        if strategy in ("SHARD_GRAD_OP", "2") or env.get("FSDP_RESHARD_AFTER_FORWARD", "").lower() == "false":
-            return "zero2", processes
-        return "fsdp", processes
-    return "ddp", processes
-
-
-def _zero_stage_of(path) -> int | None:
-    import json
-
-    try:
-        with open(path) as f:
-            return int(json.load(f)["zero_optimization"]["stage"])
-    except (TypeError, OSError, ValueError, KeyError):
-        return None
