@@ -19,7 +19,7 @@ loadable like an SFT output; the critic in `critic/` (loadable as a reward model
 
 from __future__ import annotations
 
-from align import data, models, render
+from align import data, distributed, models, render
 from align.errors import AlignError, first_line
 from align.functions import check_specs, load_function
 from align.ppo.config import PPOConfig as Config  # noqa: F401  (the stage's config class)
@@ -76,7 +76,8 @@ def build_trainer(stage, ctx):
     funcs = {spec: load_function(spec, f"{where}.reward_funcs")
              for spec in check_specs(stage.options.get("reward_funcs"), f"{where}.reward_funcs")}
     accelerator = make_accelerator(config, stage.dir)
-    with accelerator.main_process_first():  # a merged adapter copy is written once, then read by all
+    # A merged adapter copy is written once, then read by all; weights load whole (align.distributed).
+    with accelerator.main_process_first(), distributed.whole_weights():
         roles = load_roles(
             policy_path=policy_path, tokenizer=tokenizer, reward_path=stage.options.get("reward_model"),
             value_path=stage.options.get("value_model"), peft_config=lora,
