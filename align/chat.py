@@ -8,7 +8,8 @@ import sys
 
 import torch
 
-from align.infer import check_sampling_args, cut_at_stop, load, prompt_text, sampling_kwargs, seed_all, stop_token_ids
+from align.infer import check_sampling_args, cut_at_stop, load, sampling_kwargs, seed_all, stop_token_ids
+from align.render import completion_text, prompt_ids, prompt_text
 from align.rundir import resolve_target
 
 
@@ -29,7 +30,7 @@ def _fit_history(tokenizer, history: list[dict], budget: int | None) -> list[dic
     if not budget:
         return history
     kept = list(history)
-    while len(kept) > 1 and len(tokenizer(prompt_text(tokenizer, kept), add_special_tokens=False)["input_ids"]) > budget:
+    while len(kept) > 1 and len(prompt_ids(tokenizer, kept)) > budget:
         kept = kept[2:] if len(kept) > 2 else kept[1:]  # drop the oldest user/assistant pair
     return kept
 
@@ -54,7 +55,7 @@ def chat_reply(model, tokenizer, history: list[dict], *, out=None, max_new_token
                          eos_token_id=stops, streamer=_streamer(tokenizer, out),
                          **sampling_kwargs(temperature, top_p, top_k))
     row = cut_at_stop(gen[0, enc["input_ids"].shape[1]:].tolist(), stops)
-    return tokenizer.decode(row, skip_special_tokens=True).strip()
+    return completion_text(tokenizer, row)
 
 
 CHAT_HELP = "/reset clears the history, /quit (or end of input) exits"

@@ -7,6 +7,7 @@ import os
 import sys
 
 from align.errors import AlignError, disk_full
+from align.estimate.settings import ENGINES
 
 
 def cmd_run(args):
@@ -114,7 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="parameters, memory, FLOPs and time per stage, before spending compute")
     p.add_argument("recipe", help="recipe YAML file")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe field")
-    p.add_argument("--flops-per-second", type=float, default=None, help="device throughput for time estimates")
+    p.add_argument("--flops-per-second", type=float, default=None,
+                   help="peak FLOP/s per device for time estimates (default: the GPU's datasheet peak; on a CPU, "
+                        "measured)")
+    p.add_argument("--engine", choices=ENGINES, default=None,
+                   help="what each process holds (default: from `accelerate launch`'s environment, else ddp)")
+    p.add_argument("--num-processes", type=int, default=None,
+                   help="data-parallel processes (default: WORLD_SIZE, else 1)")
     p.set_defaults(func=_lazy("align.plan", "plan_command"))
     return parser
 
@@ -131,6 +138,9 @@ def _lazy(module: str, function: str):
 
 
 def main(argv=None):
+    from align import threads
+
+    threads.configure()  # before torch starts its thread pool
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # datasets' per-file progress bars bury the messages that matter; training bars stay.
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")

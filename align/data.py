@@ -26,7 +26,8 @@ Layouts users bring are normalised per source, before a mixture is concatenated:
     are the prompt and the string is redundant.
   - Conversational preference pairs always get an explicit prompt (their shared leading turns,
     what TRL's DPO trainer extracts; the reward model sees the same text either way). Text
-    pairs with an implicit prompt (HH-RLHF transcripts) stay text, as TRL takes them.
+    pairs with an implicit prompt (HH-RLHF transcripts) stay text pairs, as TRL takes them;
+    how rows become model text is align.render's rule.
 Every row is checked (not only the first): a bad one is named by file, row (from 1) and field.
 """
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from align import infer
+from align import infer, render
 from align.markdown import table
 from align.rundir import write_atomic
 
@@ -34,23 +34,17 @@ def perplexity(model, tokenizer, texts, batch_size=16) -> float:
     return math.exp(total / max(count, 1))
 
 
-def conversation(prompt, completion):
-    """A (prompt, completion) pair as one chat: lists of messages stay lists, strings become turns."""
-    p = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-    c = [{"role": "assistant", "content": completion}] if isinstance(completion, str) else list(completion)
-    return p + c
-
-
 @torch.no_grad()
-def reward_scores(model, tokenizer, prompts, completions, batch_size=32) -> list[float]:
-    """The reward model's scalar for each (prompt, completion), rendered with its chat template.
-    Text goes through the reward model's own tokenizer, so policy and RM tokenizers may differ."""
-    texts = [tokenizer.apply_chat_template(conversation(p, c), tokenize=False) for p, c in zip(prompts, completions)]
-    tokenizer.padding_side = "right"
+def reward_scores(model, tokenizer, prompts, completions, finished=None, batch_size=32) -> list[float]:
+    """The reward model's scalar for each (prompt, completion), read from the text
+    `align.render.reward_text` gives: what the reward model was trained on and what PPO
+    scores. `finished` (default: all) is false for an answer cut at the length limit. Text
+    goes through the reward model's own tokenizer, so policy and RM tokenizers may differ."""
+    finished = [True] * len(prompts) if finished is None else finished
+    texts = [render.reward_text(tokenizer, p, c, f) for p, c, f in zip(prompts, completions, finished)]
     scores = []
     for start in range(0, len(texts), batch_size):
-        enc = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True,
-                        add_special_tokens=False).to(model.device)
+        enc = render.reward_inputs(tokenizer, texts[start:start + batch_size]).to(model.device)
         scores += model(**enc).logits[:, 0].float().tolist()
     return scores
 
@@ -84,10 +78,10 @@ def evaluate(*, policies: dict, prompts=None, reward_model=None, reference=None,
     if rm and pairs:
         results["reward_model"] = pair_accuracy(*rm, pairs)
     ref = infer.load(reference) if reference else None
-    ref_texts = None
+    ref_texts = ref_finished = None
     if ref and prompts:
-        ref_texts = infer.generate(*ref, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
-    ref_scores = reward_scores(*rm, prompts, ref_texts) if rm and ref_texts else None
+        ref_texts, ref_finished = _answers(*ref, prompts, max_new_tokens, batch_size)
+    ref_scores = reward_scores(*rm, prompts, ref_texts, ref_finished) if rm and ref_texts else None
 
     for name, target in policies.items():
         model, tokenizer = infer.load(target)
@@ -95,12 +89,12 @@ def evaluate(*, policies: dict, prompts=None, reward_model=None, reference=None,
         if texts:
             metrics["perplexity"] = perplexity(model, tokenizer, texts)
         if prompts:
-            outputs = infer.generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+            outputs, finished = _answers(model, tokenizer, prompts, max_new_tokens, batch_size)
             metrics["response_length"] = sum(len(o.split()) for o in outputs) / len(outputs)
             if judge:
                 metrics["gold_score"] = 100 * sum(judge(p, o) for p, o in zip(prompts, outputs)) / len(outputs)
             if rm:
-                scores = reward_scores(*rm, prompts, outputs)
+                scores = reward_scores(*rm, prompts, outputs, finished)
                 metrics["reward"] = sum(scores) / len(scores)
                 if ref_scores:
                     wins = [1.0 if s > r else 0.5 if s == r else 0.0 for s, r in zip(scores, ref_scores)]
@@ -113,6 +107,14 @@ def evaluate(*, policies: dict, prompts=None, reward_model=None, reference=None,
                 results["samples"][i][name] = o
         results["policies"][name] = metrics
     return results
+
+
+def _answers(model, tokenizer, prompts, max_new_tokens, batch_size) -> tuple[list[str], list[bool]]:
+    """Greedy answers and whether each stopped (False: cut at max_new_tokens)."""
+    texts, ids = infer.generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                return_ids=True)
+    stops = infer.stop_token_ids(model, tokenizer)
+    return texts, [bool(row) and row[-1] in stops for _, row in ids]
 
 
 def _kl_to_reference(model, tokenizer, ref_model, prompts, max_new_tokens, seed) -> float:

@@ -14,6 +14,7 @@ import torch
 from align import data, models
 from align.errors import AlignError
 from align.merge import merge_adapter
+from align.render import completion_text, prompt_text
 from align.rundir import resolve_target, write_jsonl
 
 
@@ -44,12 +45,6 @@ def load(target: str, *, load_in_4bit: bool = False, kind: str = "causal-lm", tr
     model.eval()
     tokenizer.padding_side = "left"  # generation continues from the right edge
     return model, tokenizer
-
-
-def prompt_text(tokenizer, prompt) -> str:
-    """A prompt (string or list of messages) rendered with the chat template, ready to continue."""
-    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
 def sampling_kwargs(temperature=0.0, top_p=1.0, top_k=0) -> dict:
@@ -88,8 +83,9 @@ def seed_all(seed):
 @torch.no_grad()
 def generate(model, tokenizer, prompts, *, max_new_tokens=64, temperature=0.0, top_p=1.0, top_k=0,
              batch_size=32, seed=None, return_ids=False):
-    """Complete each prompt; temperature 0 is greedy. Returns the decoded completions (and the
-    prompt/completion token ids when `return_ids`), cut at the end-of-turn token."""
+    """Complete each prompt (rendered by align.render: strings are user turns); temperature 0
+    is greedy. Returns the decoded completions (and the prompt/completion token ids when
+    `return_ids`), cut after the end-of-turn token, which the decoded text leaves out."""
     seed_all(seed)
     tokenizer.padding_side = "left"
     stops = stop_token_ids(model, tokenizer)
@@ -103,7 +99,7 @@ def generate(model, tokenizer, prompts, *, max_new_tokens=64, temperature=0.0, t
         new = gen[:, enc["input_ids"].shape[1]:]
         for row, prompt_ids, prompt_mask in zip(new.tolist(), enc["input_ids"], enc["attention_mask"]):
             row = cut_at_stop(row, stops)
-            out_texts.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+            out_texts.append(completion_text(tokenizer, row))
             out_ids.append((prompt_ids[prompt_mask.bool()].tolist(), row))
     return (out_texts, out_ids) if return_ids else out_texts
 

@@ -38,6 +38,10 @@ SPECIAL_TOKENS = [PAD, "<|im_start|>", END_OF_TURN, "<|endoftext|>"]
 
 ADAPTER_CONFIG = "adapter_config.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+# Set on a tokenizer that got DEFAULT_CHAT_TEMPLATE while loading: the EOS it had before (its
+# model read plain text ending there, align.render.reads_chat). Not saved: once align trains the
+# model with the template, it reads chat.
+PLAIN_EOS = "align_plain_eos"
 
 
 def is_adapter(path: str | os.PathLike) -> bool:
@@ -140,6 +144,7 @@ def prepare_tokenizer(tokenizer):
     pad == eos hide the real end-of-turn token (see trl PR #5303).
     """
     if tokenizer.chat_template is None:
+        setattr(tokenizer, PLAIN_EOS, tokenizer.eos_token or "")
         if END_OF_TURN not in tokenizer.get_vocab():
             tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", END_OF_TURN]})
         tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE

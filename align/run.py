@@ -109,12 +109,11 @@ def _check_models(recipe: Recipe, stage):
 
 
 def run(recipe: Recipe, only: str | None = None, dry_run: bool = False):
-    import torch
-    from accelerate import PartialState
     from transformers import set_seed
 
-    # Without CUDA, accelerate only starts the gloo process group when asked for the CPU.
-    state = PartialState(cpu=not torch.cuda.is_available())
+    from align import distributed
+
+    state = distributed.process_state()  # a real process group on CPU too
     ctx = Context(recipe, state)
     selected = [recipe.stage(only)] if only else recipe.stages
     if only:
@@ -142,7 +141,6 @@ def run(recipe: Recipe, only: str | None = None, dry_run: bool = False):
     if dry_run:
         from align import plan
 
-        ctx.log(plan_text(recipe))
         ctx.log(plan.plan_text(recipe))
         return
     if ctx.is_main:
@@ -170,6 +168,7 @@ def run(recipe: Recipe, only: str | None = None, dry_run: bool = False):
             raise AlignError(f"stage {stage.name}: no space left on device while writing {path}") from None
         metrics["stage_seconds"] = round(time.time() - start, 2)
         metrics["world_size"] = state.num_processes
+        metrics["engine"] = distributed.in_use()
         ctx.wait()
         if ctx.is_main:
             rundir.mark_complete(stage, metrics)
@@ -199,15 +198,6 @@ def summary_line(stage, metrics: dict) -> str:
 
 def _duration(seconds: float) -> str:
     return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
-
-
-def plan_text(recipe: Recipe) -> str:
-    lines = [f"recipe '{recipe.name}' is valid; outputs in {recipe.output_dir}"]
-    for stage in recipe.stages:
-        state = "finished" if rundir.is_complete(stage) else "to run"
-        model = stage.options.get("model", "")
-        lines.append(f"  {stage.name:<10} {stage.type:<9} {state:<9} {model}")
-    return "\n".join(lines)
 
 
 def _quiet_workers():

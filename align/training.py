@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from align import data, models, rundir
+from align import data, distributed, models, render, rundir
 from align.errors import AlignError, first_line, suggest
 from align.recipe import check_keys, coerce
 
@@ -23,7 +23,9 @@ def trainer_config(stage, ctx, **stage_defaults):
     """The stage's TRL config: recipe fields win over stage defaults, which win over align's.
 
     align's defaults make a run work anywhere: checkpoints inside the stage folder, no external
-    loggers, and fp32 on machines without CUDA (TRL defaults to bf16, which refuses CPU).
+    loggers, and on machines without CUDA fp32 (TRL defaults to bf16, which refuses CPU) and no
+    gradient checkpointing (TRL's default; on a CPU it only recomputes every layer, for memory a
+    CPU has plenty of).
     """
     on_gpu = torch.cuda.is_available()
     defaults = {
@@ -35,12 +37,11 @@ def trainer_config(stage, ctx, **stage_defaults):
         "logging_steps": 5,
         "ddp_find_unused_parameters": False,
         "disable_tqdm": not ctx.is_main,
-        **({} if on_gpu else {"use_cpu": True, "bf16": False}),
+        **distributed.trainer_device_args(),
+        **({} if on_gpu else {"gradient_checkpointing": False}),
         **stage_defaults,
     }
     args = {**defaults, **stage.args}
-    if args.get("gradient_checkpointing") and not on_gpu and "gradient_checkpointing" not in stage.args:
-        args["gradient_checkpointing"] = False
     try:
         return stage.module.Config(**args)
     except (ValueError, TypeError) as e:
@@ -77,19 +78,12 @@ def check_training_fields(stage):
     check_sharding(stage)
 
 
-def sharding() -> str | None:
-    """'zero3' or 'fsdp' when `accelerate launch` shards weights across processes, else None."""
-    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
-        return "fsdp"
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" and \
-            os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3":
-        return "zero3"
-    return None
-
-
 def check_sharding(stage):
     """Refuse the combinations that fail deep inside a sharded run (axolotl #207 #1240)."""
-    mode = sharding()
+    if stage.type == "ppo" and distributed.zero_stage() in (0, 1):
+        raise AlignError(f"stages.{stage.name}: PPO under DeepSpeed needs ZeRO stage 2 or 3 (its per-network "
+                         f"clipping reads ZeRO's gradient partitions); use recipes/accelerate/zero2.yaml or zero3.yaml")
+    mode = distributed.sharding()
     if mode is None:
         return
     where = f"stages.{stage.name}"
@@ -97,10 +91,9 @@ def check_sharding(stage):
     if quant.get("load_in_4bit") and not quant.get("bnb_4bit_quant_storage"):
         raise AlignError(f"{where}.quantization: QLoRA under {mode} shards the 4-bit weights, which needs "
                          f"`bnb_4bit_quant_storage` equal to the compute dtype, e.g. bnb_4bit_quant_storage: bfloat16")
-    if stage.type == "ppo":
-        raise AlignError(f"{where}: PPO generates with the whole policy on every process; run it with DDP or "
-                         f"DeepSpeed ZeRO-2 (recipes/accelerate/ddp.yaml, zero2.yaml), with LoRA so one base "
-                         f"serves every role, not {mode}")
+    if stage.type == "ppo" and mode == "fsdp":
+        raise AlignError(f"{where}: PPO's hand-driven update is not wired to FSDP; shard it with DeepSpeed ZeRO-3 "
+                         f"(recipes/accelerate/zero3.yaml), or use ZeRO-2 / DDP when the weights fit")
 
 
 def _bnb_fields():
@@ -145,13 +138,19 @@ def peft_config(block: dict, *, task_type: str, where: str):
 
 
 def load_datasets(stage, ctx):
-    """(train, eval or None) for the stage's data kind; `eval_dataset` wins over `test_size`."""
+    """(train, eval or None) for the stage's data kind; `eval_dataset` wins over `test_size`.
+    String prompts and answers become user and assistant turns (align.render, rule 1), so
+    TRL renders them with the chat template, as PPO, eval, chat and generate do."""
     where = f"stages.{stage.name}"
     kind = stage.traits.data
     train, evals = data.load(stage.options["dataset"], kind, f"{where}.dataset", ctx.seed)
     if stage.options.get("eval_dataset"):
         evals, _ = data.load(stage.options["eval_dataset"], kind, f"{where}.eval_dataset", ctx.seed)
-    return train, evals
+    converted = render.conversational_dataset(train)
+    if converted is not train:
+        ctx.log(f"[{stage.name}] text prompts and answers are read as user and assistant turns of the chat template "
+                f"(align/render.py)")
+    return converted, render.conversational_dataset(evals)
 
 
 def build_trainer(stage, ctx, trainer_cls, *, kind: str = "causal-lm", defaults=None, **trainer_kwargs):
@@ -207,7 +206,8 @@ def load_policy(stage, ctx, kind: str = "causal-lm"):
     path = ctx.recipe.start_model(stage)
     trust = bool(ctx.model.get("trust_remote_code", False))
     tokenizer = models.load_tokenizer(path, trust_remote_code=trust)
-    with ctx.state.main_process_first():  # a merged adapter copy is written once, then read by all
+    # A merged adapter copy is written once, then read by all; weights load whole (see distributed).
+    with ctx.state.main_process_first(), distributed.whole_weights():
         model = models.load_model(
             path, kind=kind, dtype=ctx.model.get("dtype", "auto"), quantization=stage.options.get("quantization"),
             trust_remote_code=trust, revision=ctx.model.get("revision") if path == ctx.model.get("name_or_path")

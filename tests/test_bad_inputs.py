@@ -194,6 +194,9 @@ CASES = [
     data_case("data: test_size too big", GOOD4, ["test_size"], test_size=50),
     run_case("data: eval stage prompts checked before training", {"sft": sft(), "eval": {"prompts": "@D/bad.jsonl"}},
              ["stages.eval.prompts", "bad.jsonl", "row 2"], files={"bad.jsonl": jsonl({"prompt": "a"}, {"prompt": ""})}),
+    run_case("recipe: eval stage judge imported before training", {"sft": sft(), "eval": {
+        "prompts": "@D/prompts.jsonl", "judge": "missing_judge_mod:score"}},
+        ["stages.eval.judge", "cannot import 'missing_judge_mod'"]),
     run_case("data: eval stage pairs checked before training", {"sft": sft(), "eval": {"pairs": "@D/x.jsonl"}},
              ["stages.eval.pairs", "x.jsonl", "does not exist"]),
     # ------------------------------------------------------------------ models
@@ -424,8 +427,9 @@ def test_process_reward_module_in_current_folder_is_found_and_checked(tmp_path, 
     before = snapshot(case_dir)
     align = Path(sys.executable).with_name("align")
     launcher = [str(align)] if align.exists() else [sys.executable, "-m", "align"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}  # this checkout's align
     result = subprocess.run(launcher + ["run", str(case_dir / "r.yaml")], capture_output=True, text=True, cwd=case_dir,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}, timeout=300)
+                            env=env, timeout=300)
     assert result.returncode == 2, result.stderr[-2000:]
     assert result.stderr.strip().splitlines() == [
         "error: stages.ppo.reward_funcs: cannot import 'local_rewards_mod': No module named 'no_such_dependency_xyz'"]

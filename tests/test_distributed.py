@@ -107,3 +107,17 @@ def test_classifier_from_a_lora_adapter_under_two_processes(tmp_path, tiny_model
     assert "error" not in result.stderr.lower().replace("error_file", ""), result.stderr[-2000:]
     assert read_metrics(tmp_path / "run" / "reward")["world_size"] == 2
     assert sorted(p.name for p in (tmp_path / "run" / "sft").iterdir() if p.name.startswith("merged")) == ["merged"]
+
+
+@pytest.mark.parametrize("launch", [{"ACCELERATE_USE_FSDP": "true"},
+                                    {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "1"}])
+def test_ppo_under_fsdp_or_zero1_is_refused_at_load_naming_the_alternative(tmp_path, tiny_model, data_dir, launch):
+    """PPO's update is wired to DDP and DeepSpeed ZeRO-2/3 only: under an FSDP or ZeRO-1 launch
+    the recipe stops before anything is loaded, with one line that names the alternative."""
+    stage = {"dataset": {"path": str(data_dir / "prompts.jsonl")}, "reward_funcs": "tests.rewards:letter_a",
+             "response_length": 8, "num_train_steps": 1}
+    recipe = write_recipe(tmp_path / "r.yaml", tmp_path / "out", {"ppo": stage}, model=str(tiny_model))
+    result = run_align(["run", recipe, "--dry-run"], env=launch)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.count("error: stages.ppo:") == 1 and "zero3.yaml" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr

@@ -19,8 +19,8 @@ from transformers import (
     Qwen2Config,
 )
 
-from align import plan
-from align.plan import (
+from align import estimate
+from align.estimate import (
     PlanError,
     chinchilla_tokens,
     compute_optimal,
@@ -78,7 +78,7 @@ def _configs():
 @pytest.mark.parametrize("name,cfg", list(_configs()), ids=[n for n, _ in _configs()])
 def test_count_parameters_exact(name, cfg):
     counts = count_parameters(cfg)
-    assert counts["source"] == "analytic"
+    assert counts["source"] == "meta"
     assert counts["total"] == _real_count(cfg)
     parts = counts["embedding"] + counts["lm_head"] + counts["attention"] + counts["mlp"] + counts["norms"]
     assert parts == counts["total"]
@@ -201,14 +201,14 @@ def test_hand_memory_lora_and_qlora():
 
 
 def test_hand_memory_sharding():
-    z2 = estimate_memory(HAND, method="full", dtype="bf16", world_size=4, zero_stage=2)
+    z2 = estimate_memory(HAND, method="full", dtype="bf16", processes=4, engine="zero2")
     assert z2["weights"] == 2 * HAND_N
     assert z2["gradients"] == 2 * HAND_N / 4 == 43424
     assert z2["optimizer"] == 12 * HAND_N / 4 == 260544
-    z3 = estimate_memory(HAND, method="full", dtype="bf16", world_size=4, fsdp=True)
+    z3 = estimate_memory(HAND, method="full", dtype="bf16", processes=4, engine="fsdp")
     # sharded weights + one gathered decoder layer (36992 params > 6400 embedding) in bf16
     assert z3["weights"] == 2 * HAND_N / 4 + 36992 * 2 == 117408
-    z1 = estimate_memory(HAND, method="full", dtype="bf16", world_size=4, zero_stage=1)
+    z1 = estimate_memory(HAND, method="full", dtype="bf16", processes=4, engine="zero1")
     assert (z1["gradients"], z1["optimizer"]) == (2 * HAND_N, 12 * HAND_N / 4)
 
 
@@ -303,7 +303,7 @@ def test_ppo_flops_by_hand():
 
 def test_format_plan():
     mem = estimate_memory(HAND, method="full", dtype="bf16", batch_size=2, seq_len=8)
-    big = {"name": "ppo-7b", "params": 7.24e9, "trainable_params": 2.1e7, "total": 3 * plan.GiB,
+    big = {"name": "ppo-7b", "params": 7.24e9, "trainable_params": 2.1e7, "total": 3 * estimate.GiB,
            "flops": 1.2e20, "seconds": 7200}
     table = format_plan([{"name": "sft", **mem, "flops": flops(HAND_N, 1e6), "seconds": 42.0}, big])
     lines = table.splitlines()
@@ -316,7 +316,7 @@ def test_format_plan():
 
 @pytest.mark.parametrize(
     "kwargs",
-    [dict(method="prefix"), dict(dtype="int3"), dict(optimizer="adam_ultra"), dict(zero_stage=5),
+    [dict(method="prefix"), dict(dtype="int3"), dict(optimizer="adam_ultra"), dict(engine="zero5"),
      dict(role="serve"), dict(attention="ring")],
 )
 def test_invalid_inputs(kwargs):
@@ -472,3 +472,65 @@ def test_online_memory_rloo_grpo_by_hand():
     for m in (lora, full, full_ref, with_rm):
         assert m["total"] == m["weights"] + m["gradients"] + m["optimizer"] + max(m["phases"].values())
     assert lora["kv_cache"] == 2 * 2 * 2 * 16 * 2 * 8 * 2  # same cache as PPO's for the same shapes
+
+
+# ----------------------------------------------------------------- engines
+
+# The quickstart's model: V=512, h=128, i=512, 4 layers, 4 heads, tied embeddings.
+QUICK = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=512, num_hidden_layers=4,
+                    num_attention_heads=4, tie_word_embeddings=True, **TINY)
+# per layer: q, k, v, o 4·128·128 = 65536; MLP 3·128·512 = 196608; 2 norms 256 -> 262400
+# total: 4·262400 + embedding 512·128 = 65536 + final norm 128 = 1115264
+QUICK_N = 1_115_264
+
+
+@pytest.mark.parametrize("engine,weights,gradients,optimizer", [
+    ("ddp", 4 * QUICK_N, 4 * QUICK_N, 8 * QUICK_N),          # 4461056, 4461056, 8922112: nothing sharded
+    ("zero1", 4 * QUICK_N, 4 * QUICK_N, 8 * QUICK_N // 4),   # AdamW m and v: 2230528 per process
+    ("zero2", 4 * QUICK_N, QUICK_N, 8 * QUICK_N // 4),       # + gradients: 1115264
+    # + weights: 4·N/4 = 1115264, plus one gathered decoder layer (262400 > 65536 embedding) in fp32
+    ("zero3", QUICK_N + 4 * 262_400, QUICK_N, 8 * QUICK_N // 4),
+    ("fsdp", QUICK_N + 4 * 262_400, QUICK_N, 8 * QUICK_N // 4),  # FULL_SHARD shards like ZeRO-3
+])
+def test_memory_per_device_for_each_engine(engine, weights, gradients, optimizer):
+    """A 1.1M-parameter model, fp32 AdamW, 4 processes: exact bytes per device."""
+    assert count_parameters(QUICK)["total"] == QUICK_N
+    m = estimate_memory(QUICK, method="full", dtype="fp32", optimizer="adamw", batch_size=2, seq_len=16,
+                        engine=engine, processes=4)
+    assert (m["weights"], m["gradients"], m["optimizer"]) == (weights, gradients, optimizer)
+    ddp = estimate_memory(QUICK, method="full", dtype="fp32", batch_size=2, seq_len=16)
+    assert m["activations"] == ddp["activations"]  # every process holds its own micro-batch
+    assert m["total"] == weights + gradients + optimizer + ddp["activations"]
+    one = estimate_memory(QUICK, method="full", dtype="fp32", batch_size=2, seq_len=16, engine=engine, processes=1)
+    assert one["total"] == ddp["total"]  # one process: nothing to shard across
+
+
+def test_engine_from_accelerate_environment(tmp_path):
+    from align.distributed import launched as engine_from_env
+
+    assert engine_from_env({}) == ("ddp", 1)
+    assert engine_from_env({"WORLD_SIZE": "8"}) == ("ddp", 8)
+    ds = {"ACCELERATE_USE_DEEPSPEED": "true", "WORLD_SIZE": "4"}
+    assert engine_from_env({**ds, "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}) == ("zero3", 4)
+    assert engine_from_env({**ds, "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}) == ("zero2", 4)
+    config = tmp_path / "ds.json"
+    config.write_text(json.dumps({"zero_optimization": {"stage": 1}}))
+    assert engine_from_env({**ds, "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(config)}) == ("zero1", 4)
+    fsdp = {"ACCELERATE_USE_FSDP": "true", "WORLD_SIZE": "2"}
+    assert engine_from_env({**fsdp, "FSDP_SHARDING_STRATEGY": "FULL_SHARD"}) == ("fsdp", 2)
+    assert engine_from_env({**fsdp, "FSDP_SHARDING_STRATEGY": "SHARD_GRAD_OP"}) == ("zero2", 2)
+    assert engine_from_env({**fsdp, "FSDP_RESHARD_AFTER_FORWARD": "false"}) == ("zero2", 2)
+
+
+def test_settings_object_is_shared_by_every_estimate():
+    """One Settings object drives the single-model, PPO and RLOO estimates alike."""
+    from align.estimate import Settings
+
+    s = Settings(method="lora", r=4, dtype="bf16", batch_size=2)
+    assert estimate_memory(HAND, s, seq_len=8) == estimate_memory(HAND, method="lora", r=4, dtype="bf16",
+                                                                   batch_size=2, seq_len=8)
+    p = estimate_ppo_memory(HAND, s, prompt_len=6, response_len=2)
+    assert p == estimate_ppo_memory(HAND, method="lora", r=4, dtype="bf16", batch_size=2, prompt_len=6,
+                                    response_len=2)
+    with pytest.raises(PlanError, match="unknown engine"):
+        Settings(engine="zero4")

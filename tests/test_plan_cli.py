@@ -8,11 +8,15 @@ import pytest
 import torch
 
 from conftest import TINY_MODEL, run_align, write_recipe
-from align import plan
-from align.plan import (
-    _fmt_bytes, _fmt_count, _fmt_flops, _fmt_time, chinchilla_tokens, count_parameters, estimate_memory,
-    estimate_ppo_memory, estimate_time, flops, ppo_flops, value_head_parameters,
+from align import plan, plan_inputs
+from align.estimate import (
+    chinchilla_tokens, count_parameters, estimate_memory, estimate_ppo_memory, estimate_time, flops, ppo_flops,
+    value_head_parameters,
 )
+from align.estimate import fmt_bytes as _fmt_bytes
+from align.estimate import fmt_count as _fmt_count
+from align.estimate import fmt_flops as _fmt_flops
+from align.estimate import fmt_time as _fmt_time
 from align.recipe import load_recipe
 
 FPS = 1e12
@@ -177,14 +181,14 @@ def test_dataset_rows(tmp_path):
     b.write_text(json.dumps([{"text": "x"}] * 40))
     c = tmp_path / "c.csv"
     c.write_text("text\n" + "".join(f"row {i}\n" for i in range(30)))
-    assert plan.dataset_rows({"path": str(a)}) == 100
-    assert plan.dataset_rows({"path": str(b)}) == 40 and plan.dataset_rows({"path": str(c)}) == 30
-    assert plan.dataset_rows({"path": str(a), "split": "train[:25]"}) == 25
-    assert plan.dataset_rows({"path": str(a), "split": "train[:10%]"}) == 10
-    assert plan.dataset_rows({"path": str(a), "test_size": 0.2}) == 80
-    assert plan.dataset_rows([{"path": str(a), "weight": 0.5}, {"path": str(b), "weight": 2}]) == 130
-    assert plan.dataset_rows({"path": "org/hub-dataset"}) is None
-    assert plan.dataset_rows({"path": "run/task/sft.jsonl"}, {str(Path("run/task/sft.jsonl")): 7}) == 7
+    assert plan_inputs.dataset_rows({"path": str(a)}) == 100
+    assert plan_inputs.dataset_rows({"path": str(b)}) == 40 and plan_inputs.dataset_rows({"path": str(c)}) == 30
+    assert plan_inputs.dataset_rows({"path": str(a), "split": "train[:25]"}) == 25
+    assert plan_inputs.dataset_rows({"path": str(a), "split": "train[:10%]"}) == 10
+    assert plan_inputs.dataset_rows({"path": str(a), "test_size": 0.2}) == 80
+    assert plan_inputs.dataset_rows([{"path": str(a), "weight": 0.5}, {"path": str(b), "weight": 2}]) == 130
+    assert plan_inputs.dataset_rows({"path": "org/hub-dataset"}) is None
+    assert plan_inputs.dataset_rows({"path": "run/task/sft.jsonl"}, {str(Path("run/task/sft.jsonl")): 7}) == 7
 
 
 def test_missing_recipe_is_a_one_line_error(tmp_path):
@@ -211,3 +215,65 @@ def test_adapter_folder_resolves_to_its_base(tmp_path, data_dir):
     assert row["tokens"] == 2 * 2 * 2 * 32
     assert row["flops"] == pytest.approx(flops(n, row["tokens"], per_param_token=8))  # 6N policy + 2N reference
     assert row["chinchilla_tokens"] == chinchilla_tokens(n)
+
+
+def test_engine_and_processes_from_flags_and_accelerate_env(tmp_path, data_dir):
+    """`--engine zero3 --num-processes 4`, or the environment `accelerate launch` sets, shards the
+    memory per device; the table says which engine."""
+    from transformers import Qwen2Config
+
+    folder = tmp_path / "model"
+    cfg = Qwen2Config(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)
+    cfg.save_pretrained(folder)
+    recipe = write_recipe(tmp_path / "r.yaml", tmp_path / "run", {"sft": {
+        "model": str(folder), "dataset": {"path": str(data_dir / "messages.jsonl")}, "max_steps": 5,
+        "per_device_train_batch_size": 2, "max_length": 32, "gradient_checkpointing": False}})
+    expected = estimate_memory(cfg, dtype=DTYPE, batch_size=2, seq_len=32, engine="zero3", processes=4)
+    assert expected["total"] < estimate_memory(cfg, dtype=DTYPE, batch_size=2, seq_len=32)["total"]
+    flags = run_align(["plan", recipe, "--flops-per-second", FPS, "--engine", "zero3", "--num-processes", 4],
+                      check=True).stdout
+    env = run_align(["plan", recipe, "--flops-per-second", FPS], check=True,
+                    env={"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3",
+                         "WORLD_SIZE": "4"}).stdout
+    for out in (flags, env):
+        line = _row_line(out, "sft")
+        assert "zero3 x4" in line and _fmt_bytes(expected["total"]) in line, line
+        assert "engine zero3 x4" in out
+
+
+def test_sequence_lengths_from_the_data_and_tokenizer(tmp_path, data_dir, tiny_model, monkeypatch):
+    """With the start model's tokenizer on disk, tokens are counted on the stage's data: batches
+    padded to their longest row, as TRL pads them, instead of max_length."""
+    from transformers import AutoTokenizer
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    rows = [json.loads(line) for line in (data_dir / "messages.jsonl").read_text().splitlines()]
+    lengths = [len(tok(tok.apply_chat_template(r["messages"], tokenize=False), add_special_tokens=False)["input_ids"])
+               for r in rows]
+    found = plan_inputs.token_lengths({"path": str(data_dir / "messages.jsonl")}, str(tiny_model))
+    assert found["sequence"] == lengths[:plan_inputs.LENGTH_SAMPLE]
+    assert plan_inputs.padded_length([7] * 10, 4) == 7 and plan_inputs.padded_length([5, 9], 64, cap=8) == 8
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", tmp_path / "run", {"sft": {
+        "model": str(tiny_model), "dataset": {"path": str(data_dir / "messages.jsonl")}, "max_steps": 3,
+        "per_device_train_batch_size": 4, "max_length": 256, "gradient_checkpointing": False}}))
+    (row,) = plan.plan_recipe(recipe, flops_per_second=FPS)
+    assert min(lengths) <= row["seq_len"] <= max(lengths) < 256
+    assert row["tokens"] == pytest.approx(3 * 4 * row["seq_len"])
+    assert row["seq_len"] == pytest.approx(plan_inputs.padded_length(lengths[:plan_inputs.LENGTH_SAMPLE], 4))
+
+
+def test_cpu_time_is_probed_per_step(tmp_path, data_dir, tiny_model, monkeypatch):
+    """Without --flops-per-second on a CPU, a small model's step is timed (no constant rate):
+    the stage's seconds are its steps times the probed step, and the table says so."""
+    if ON_GPU:
+        pytest.skip("CPU planning")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", tmp_path / "run", {"sft": {
+        "model": str(tiny_model), "dataset": {"path": str(data_dir / "messages.jsonl")}, "max_steps": 7,
+        "per_device_train_batch_size": 4, "max_length": 64, "gradient_checkpointing": False}}))
+    (row,) = plan.plan_recipe(recipe)
+    assert row["step_seconds"] > 0 and row["seconds"] == pytest.approx(7 * row["step_seconds"])
+    assert row["runtime"] > 0
+    assert "rates measured on this CPU" in plan.plan_text(recipe, rows=[row])

@@ -75,7 +75,7 @@ def test_lora_one_base_model_ratio_one_and_step_count(tmp_path, tiny_model, data
     block = {"dataset": {"path": str(data_dir / "prompts.jsonl")}, **FAST, "num_train_steps": 3,
              "peft": {"r": 4, "lora_alpha": 8, "target_modules": "all-linear"}, "learning_rate": 1e-2,
              "reward_model": str(reward), "reward_funcs": "tests.rewards:letter_a", "reward_weights": [0.5, 1.0],
-             "adaptive_kl": True, "kl_estimator": "k3", "whiten_rewards": True, "missing_eos_penalty": -1.0,
+             "adaptive_kl": True, "kl_estimator": "k3", "whiten_rewards": True, "missing_eos_penalty": 1.0,
              "save_steps": 2, "sample_generations_every": 2}
     trainer, stage = _build(tmp_path, tiny_model, block)
     roles = trainer.roles
@@ -142,6 +142,7 @@ def test_stop_strings_mask_after_the_string(tmp_path, tiny_model, data_dir):
     ({"value_head_on_policy": True, "value_model": "some/critic"}, "value_model"),
     ({"bf16": True, "fp16": True}, "bf16"),
     ({"report_to": ["tensorboard", "nosuch"]}, "report_to"),
+    ({"missing_eos_penalty": -1.0}, "missing_eos_penalty: must be 0 or more: it is subtracted .* write 1.0"),
 ])
 def test_bad_recipes_fail_at_load_naming_the_field(tmp_path, data_dir, change, field):
     block = {"dataset": {"path": str(data_dir / "prompts.jsonl")}, **FAST, "reward_funcs": "tests.rewards:letter_a",

@@ -254,9 +254,10 @@ def test_token_rewards_by_hand():
 
 
 def test_apply_missing_stop_penalty():
+    """TRL's convention: a positive penalty is subtracted from responses that never stop."""
     scores = T_([1.0, 2.0])
     has_stop = B_([1, 0])
-    close(apply_missing_stop_penalty(scores, has_stop, -1.0), [1.0, 1.0])
+    close(apply_missing_stop_penalty(scores, has_stop, 1.0), [1.0, 1.0])
     assert apply_missing_stop_penalty(scores, has_stop, None) is scores
     close(scores, [1.0, 2.0])  # not modified in place
 

@@ -73,15 +73,17 @@ class PPOConfig:
     response_length: int = 53
     """Most tokens generated per response [TRL's TL;DR default: 53]."""
     max_prompt_length: int | None = None
-    """Prompts longer than this many tokens are cut from the left; None keeps them whole."""
+    """Prompts longer than this many tokens (with the chat template) are dropped, with a count;
+    never cut, which would lose the chat header or the question (align/render.py). None keeps
+    them all."""
     temperature: float = 0.7
     """Sampling temperature; every log-prob (policy, old policy, reference) is recomputed at
     the same temperature [Ziegler19 code, TRL: 0.7]. No top-k / top-p."""
     stop_strings: list[str] | None = None
     """Extra strings that end a response (besides the EOS token); text after them is masked."""
     missing_eos_penalty: float | None = None
-    """Added to the score of responses that hit response_length without stopping, e.g. -1.0
-    [TRL: None]."""
+    """Subtracted from the score of responses that hit response_length without stopping, e.g.
+    1.0; a negative value is refused (TRL's sign) [TRL: None]."""
     rollout_forward_batch_size: int | None = None
     """Rows per no-grad forward pass during the rollout (policy, reference, critic, reward);
     None does the whole rollout batch at once."""
@@ -191,6 +193,10 @@ class PPOConfig:
             value = getattr(self, name)
             if value is not None and not (value > 0 and math.isfinite(value)):
                 raise ValueError(f"{name}: must be a positive number (or unset), got {value}")
+        penalty = self.missing_eos_penalty
+        if penalty is not None and not (penalty >= 0 and math.isfinite(penalty)):
+            raise ValueError(f"missing_eos_penalty: must be 0 or more: it is subtracted from the score of responses "
+                             f"that never stop, as in TRL (got {penalty}; write {-penalty} to penalise them)")
         for name in ("kl_coef", "vf_coef", "weight_decay"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name}: must be 0 or more, got {getattr(self, name)}")

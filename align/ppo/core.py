@@ -350,20 +350,20 @@ def token_rewards(
 
 
 def apply_missing_stop_penalty(scores: Tensor, has_stop: Tensor, penalty: float | None) -> Tensor:
-    """Add ``penalty`` (negative, e.g. ``-1.0``) to the score of responses that never
-    produced a stop token (they hit the length limit).
+    """Subtract ``penalty`` (positive, e.g. ``1.0``: TRL's ``missing_eos_penalty``) from the
+    score of responses that never produced a stop token (they hit the length limit).
 
     Args:
         scores: ``(B,)`` float.
         has_stop: ``(B,)`` bool, from ``response_mask_after_stop``.
-        penalty: amount added; ``None`` returns ``scores`` unchanged.
+        penalty: amount subtracted; ``None`` returns ``scores`` unchanged.
 
     Returns:
         ``(B,)`` float, a new tensor (``scores`` is not modified).
     """
     if penalty is None:
         return scores
-    return torch.where(_as_bool(has_stop), scores, scores + penalty)
+    return torch.where(_as_bool(has_stop), scores, scores - penalty)
 
 
 # ------------------------------------------------------------------- advantages, losses

@@ -18,9 +18,10 @@ Shared layout (LoRA / QLoRA: a `peft:` block)
                it starts from that adapter's weights (and keeps its LoRA shape).
     reference  the base with adapters disabled; or, when the SFT output is an adapter, that
                adapter loaded frozen as "ref".
-    critic     adapter "critic" (trainable) + a float32 value head (hidden -> 1), the head
-               copied from the reward model's score head where shapes allow. When the reward
-               model is an adapter on the same base, the critic adapter starts from it.
+    critic     adapter "critic" (trainable) + a float32 value head (hidden -> 1). When the
+               reward (or value) model is an adapter directly on the base, the critic starts
+               as that adapter with its score head; otherwise a fresh adapter and a zero head
+               (a score head only fits the body it was trained on).
     reward     when the reward model is a sequence-classification LoRA adapter on the same
                base (or on the SFT adapter), it is loaded frozen as "reward" + its score head;
                any other reward model is loaded separately (quantized like the base).
@@ -48,7 +49,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from align import models
+from align import models, render
 from align.errors import AlignError
 from align.ppo.roles import (CRITIC, POLICY, ActorCritic, AdapterSwitch, Roles, adapter_name_of, classifier_on,
                              score_head)
@@ -60,15 +61,21 @@ TRAINABLE_ADAPTERS = (POLICY, CRITIC)
 
 
 def disable_dropout(model: nn.Module):
-    """Dropout off everywhere: nn.Dropout modules (LoRA's too) and config-driven functional
-    dropout (attention_dropout, ...). PPO's ratio must compare the same function twice."""
+    """Dropout off everywhere, so PPO's ratio compares the same function twice (KL 0 and
+    ratio 1 before the first update). Zeroing the config is not enough: layers copy their
+    rates at construction (Llama's `attention_dropout`, OPT's `dropout` and `layerdrop`) and
+    read the copy in train mode. So: nn.Dropout modules (LoRA's too), every float attribute
+    of a module whose name says drop (the copies), and the configs (read at call time)."""
     for module in model.modules():
         if isinstance(module, nn.Dropout):
             module.p = 0.0
+        for name, value in list(vars(module).items()):
+            if "drop" in name and isinstance(value, float):
+                setattr(module, name, 0.0)
         config = getattr(module, "config", None)
         if config is not None and hasattr(config, "to_dict"):
             for key, value in config.to_dict().items():
-                if isinstance(value, float) and ("dropout" in key or key.endswith("_pdrop")):
+                if isinstance(value, float) and "drop" in key:
                     setattr(config, key, 0.0)
 
 
@@ -113,10 +120,16 @@ def load_roles(*, policy_path: str, tokenizer, reward_path: str | None, value_pa
         roles = _load_shared(policy_path, tokenizer, reward_path, reward_tok, critic_source, peft_config, options)
     else:
         roles = _load_separate(policy_path, tokenizer, reward_path, reward_tok, critic_source, options)
+    roles.reward_tokenizer = reward_tok  # the reward model reads text its own way (align.render)
     if not same_vocab:
-        roles.reward_tokenizer = reward_tok
         roles.description.append("reward tokenizer differs from the policy's: responses are decoded and re-tokenized "
                                  "for it" + ("" if options.value_head_on_policy else ", and the critic starts from the policy"))
+    if reward_tok is not None and not render.reads_chat(reward_tok):
+        roles.description.append("reward: its tokenizer has no chat template, so it reads plain text (prompt + "
+                                 "response + EOS, as TRL trained it)")
+    if not render.reads_chat(tokenizer):
+        render.warn_once(f"model: '{policy_path}' has no chat template of its own; its prompts are rendered with "
+                         f"align's ChatML template, as in every stage, eval and chat (train it with SFT first)")
     for module in [roles.actor_critic, *roles.frozen_modules()]:
         disable_dropout(module)
     for module in roles.frozen_modules():
@@ -247,20 +260,6 @@ def _add_adapter_from(model, folder: str, name: str, trainable: bool) -> torch.T
     return head
 
 
-def _score_weight(path: str | None) -> torch.Tensor | None:
-    """The score-head weight stored in a classifier checkpoint (full model or adapter)."""
-    if not path or not _is_classifier_checkpoint(path):
-        return None
-    from safetensors import safe_open
-
-    for file in sorted(Path(path).glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():
-                if re.search(r"(^|\.)(score|classifier)(\.modules_to_save\.[^.]+)?\.weight$", key):
-                    return f.get_tensor(key)
-    return None
-
-
 def _load_shared(policy_path, tokenizer, reward_path, reward_tok, critic_source, peft_config, options) -> Roles:
     from peft import PeftModel, get_peft_model
 
@@ -314,7 +313,7 @@ def _load_shared(policy_path, tokenizer, reward_path, reward_tok, critic_source,
                            f"(value_head_on_policy)")
     else:
         value_head = _critic_adapter(model, stacks, critic_source, base_path, policy_path, policy_is_adapter,
-                                     reward_model, reward_path, peft_config, description)
+                                     peft_config, description)
     # make sure the trainable adapters (and only they) train
     for name, param in model.named_parameters():
         param.requires_grad_(adapter_name_of(name) in TRAINABLE_ADAPTERS)
@@ -326,29 +325,31 @@ def _load_shared(policy_path, tokenizer, reward_path, reward_tok, critic_source,
                  description=description)
 
 
-def _critic_adapter(model, stacks, critic_source, base_path, policy_path, policy_is_adapter, reward_model,
-                    reward_path, peft_config, description) -> nn.Linear:
-    """Add the trainable 'critic' adapter; return its value head."""
+def _critic_adapter(model, stacks, critic_source, base_path, policy_path, policy_is_adapter,
+                    peft_config, description) -> nn.Linear:
+    """Add the trainable 'critic' adapter; return its value head.
+
+    A score head is only worth copying onto the body it was trained on: when the critic
+    source is an adapter directly on the shared base, the critic starts as that adapter and
+    takes its head. Any other source (a separate reward model, a reward adapter stacked on
+    the SFT adapter) has a body the critic does not share, so its head would project
+    unrelated features: the critic then gets a fresh adapter and a zero head."""
     critic_stack = _shareable(critic_source, base_path, policy_path, policy_is_adapter)
-    critic_stack = critic_stack if critic_stack == [] else None
     value_head = _zero_value_head(model)
-    if critic_stack is not None:
+    if critic_stack == []:
         weight = _add_adapter_from(model, critic_source, CRITIC, trainable=True)
-        stacks["critic"] = critic_stack + [CRITIC]
+        stacks["critic"] = [CRITIC]
         description.append(f"critic: adapter '{CRITIC}' starting from {critic_source}")
+        if weight is not None and tuple(weight.shape) == tuple(value_head.weight.shape):
+            with torch.no_grad():
+                value_head.weight.copy_(weight.float())
+            description.append(f"value head: copied from the score head of {critic_source}")
+            return value_head
     else:
         model.add_adapter(CRITIC, _critic_config(peft_config))
-        weight = _score_weight(critic_source) if critic_source else None
-        if weight is None and reward_model is not None and critic_source == reward_path:
-            weight = score_head(reward_model).weight.detach()
         stacks["critic"] = [CRITIC]
         description.append(f"critic: new LoRA adapter '{CRITIC}'")
-    if weight is not None and tuple(weight.shape) == tuple(value_head.weight.shape):
-        with torch.no_grad():
-            value_head.weight.copy_(weight.float())
-        description.append(f"value head: copied from the score head of {critic_source}")
-    else:
-        description.append("value head: new, zero-initialised")
+    description.append("value head: new, zero-initialised")
     return value_head
 
 

@@ -278,7 +278,7 @@ class Roles:
     ref_model: nn.Module | None = None  # separate reference LM (None: the shared model's "ref" role)
     reward_model: nn.Module | None = None  # separate sequence classifier
     reward_head: nn.Linear | None = None  # shared layout: the reward adapter's score head
-    reward_tokenizer: object | None = None  # set when it differs from the policy's
+    reward_tokenizer: object | None = None  # the reward model's own (None: the policy's)
     base_path: str = ""  # shared layout: the base model path (saved into adapter configs)
     description: list[str] = dataclasses.field(default_factory=list)
 

@@ -2,7 +2,7 @@
 
 `PPOTrainer.rollout` runs them in order:
 
-1. `Sampler.encode`: prompts to left-padded tokens (chat prompts through the chat template);
+1. `Sampler.encode`: prompts to left-padded tokens, rendered by :mod:`align.render`;
 2. `Sampler.generate`: responses sampled exactly from softmax(logits / temperature);
 3. `Sampler.stop_mask`: where each response ends (first EOS or stop string; later tokens are
    padding);
@@ -18,6 +18,7 @@ import math
 
 import torch
 
+from align import render
 from align.errors import AlignError
 from align.ppo import core
 
@@ -85,18 +86,15 @@ class Sampler:
             stop_strings=config.stop_strings, use_cache=True)
 
     def encode(self, prompts: list) -> tuple[torch.Tensor, torch.Tensor]:
-        """Chat prompts through the chat template (with the generation prompt); text as is.
-        Left-padded, so every response starts at the same column."""
+        """Prompts (strings are user turns) through the chat template with its generation
+        prompt (align.render). Left-padded, so every response starts at the same column."""
         tok = self.tokenizer
         encoded = []
         for prompt in prompts:
-            if isinstance(prompt, list):
-                text = tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
-                ids = tok(text, add_special_tokens=False)["input_ids"]
-            else:
-                ids = tok(prompt)["input_ids"]
-            if self.config.max_prompt_length:
-                ids = ids[-self.config.max_prompt_length:]
+            ids = render.prompt_ids(tok, prompt)
+            limit = self.config.max_prompt_length
+            if limit and len(ids) > limit:  # the stage drops these before training (render.fit_prompts)
+                raise AlignError(f"dataset: a prompt of {len(ids)} tokens is longer than max_prompt_length={limit}")
             if not ids:
                 raise AlignError(f"dataset: empty prompt {prompt!r}")
             encoded.append(ids)
@@ -183,11 +181,11 @@ class Rewards:
         self.weights = [float(w) for w in weights]
 
     @torch.no_grad()
-    def __call__(self, prompts, completions, response, mask):
+    def __call__(self, prompts, completions, response, mask, has_stop):
         """Weighted reward of every response -> (scores (B,), {source: scores})."""
         per_source = {}
         if self.roles.has_reward_model:
-            per_source["reward_model"] = self.reward_model_scores(prompts, completions)
+            per_source["reward_model"] = self.reward_model_scores(prompts, completions, has_stop.tolist())
         for name, func in self.funcs.items():
             if isinstance(prompts[0], list):
                 comps = [[{"role": "assistant", "content": c}] for c in completions]
@@ -207,22 +205,18 @@ class Rewards:
             total = total + weight * values
         return total, per_source
 
-    def reward_model_scores(self, prompts, completions):
-        # Score text rendered the way the reward model was trained (RewardTrainer, TRL's RLOO and
-        # align eval all apply the chat template to prompt + completion), so the score is read
-        # at the same token; re-tokenising also covers a reward model with its own vocabulary.
+    def reward_model_scores(self, prompts, completions, finished=None):
+        """The reward model's score of each (prompt, completion), read from the text
+        `align.render.reward_text` gives (what the reward model was trained on, what align
+        eval scores): the chat template (or plain text + EOS for a plain-text reward model),
+        without the closing end of turn for an answer cut at response_length (finished
+        false). Re-tokenising also covers a reward model with its own vocabulary."""
         tok = self.roles.reward_tokenizer or self.tokenizer
-        texts, special = [], True
-        for prompt, completion in zip(prompts, completions):
-            if isinstance(prompt, list):
-                texts.append(tok.apply_chat_template(prompt + [{"role": "assistant", "content": completion}],
-                                                     tokenize=False))
-                special = False
-            else:
-                texts.append(prompt + completion)
+        finished = [True] * len(prompts) if finished is None else finished
+        texts = [render.reward_text(tok, p, c, f) for p, c, f in zip(prompts, completions, finished)]
         scores = []
         for s in chunks(len(texts), self.forward_batch_size):
-            enc = tok(texts[s], padding=True, padding_side="right", add_special_tokens=special, return_tensors="pt")
+            enc = render.reward_inputs(tok, texts[s])
             ids, am = enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
             with self.accelerator.autocast():
                 scores.append(self.roles.reward_scores(ids, am))

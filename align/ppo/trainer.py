@@ -32,48 +32,51 @@ import random
 import re
 import shutil
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from align import distributed, render
 from align.errors import AlignError
 from align.markdown import table
 from align.ppo import core
 from align.ppo.config import PPOConfig
+from align.ppo.engine import make_engine
 from align.ppo.roles import Roles
 from align.ppo.rollout import Rewards, Rollout, Sampler, chunks, position_ids_from
 from align.rundir import CHECKPOINTS, LOG_HISTORY, complete_checkpoints
+
 SAMPLES_FILE = "samples.md"
 
 
 def make_accelerator(config: PPOConfig, output_dir):
     """An Accelerator over every launched process, with the config's mixed precision and trackers.
 
-    On a machine without CUDA a plain PartialState() stays single-process even under
-    `accelerate launch --multi_gpu`; the processes must then talk over gloo, so the state is
-    rebuilt with cpu=True (what TRL's TrainingArguments do for the other stages). The
-    AcceleratorState an earlier stage left is reset, as TrainingArguments do: its mixed
-    precision would be kept, or a different one refused.
+    On a machine without CUDA the process state is rebuilt over gloo when it spans fewer
+    processes than were launched (align.distributed). The AcceleratorState an earlier stage
+    left is reset, as TrainingArguments do: its mixed precision would be kept, or a different
+    one refused.
     """
-    from accelerate import Accelerator, PartialState
-    from accelerate.state import AcceleratorState
+    from accelerate import Accelerator
     from accelerate.tracking import TensorBoardTracker
+    from accelerate.utils import GradientAccumulationPlugin
     from transformers.integrations.integration_utils import default_logdir
 
-    cpu = not torch.cuda.is_available()
-    if cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 and PartialState().num_processes == 1:
-        AcceleratorState._reset_state(reset_partial_state=True)
-        PartialState(cpu=True)
-    AcceleratorState._reset_state()
+    distributed.reset_process_state()
+    cpu = not torch.cuda.is_available() and not distributed.deepspeed_on_cpu()  # cpu=True turns DeepSpeed off
     # TensorBoard goes where transformers puts it for the other stages, whose output_dir is the
     # checkpoint folder: checkpoints/runs/<date>_<host>. accelerate would name the folder after
     # the project, which trackio and wandb need as their project.
     checkpoints = Path(output_dir) / CHECKPOINTS
     trackers = [TensorBoardTracker(default_logdir(), checkpoints) if name == "tensorboard" else name
                 for name in config.trackers()]
-    return Accelerator(cpu=cpu, mixed_precision=config.mixed_precision, log_with=trackers, project_dir=checkpoints)
+    # PPO accumulates micro-batches itself (align.ppo.engine); only DeepSpeed's engine is told how many.
+    accumulation = GradientAccumulationPlugin(
+        num_steps=config.gradient_accumulation_steps if distributed.engine() == "deepspeed" else 1,
+        sync_with_dataloader=False)
+    return Accelerator(cpu=cpu, mixed_precision=config.mixed_precision, log_with=trackers, project_dir=checkpoints,
+                       gradient_accumulation_plugin=accumulation)
 
 
 class PPOTrainer:
@@ -129,15 +132,20 @@ class PPOTrainer:
                   {"params": self.critic_params, "lr": config.critic_learning_rate or config.learning_rate}]
         optimizer = torch.optim.AdamW(groups, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon,
                                       weight_decay=config.weight_decay)
-        self.optimizer_steps = 0  # counts real optimizer.step() calls (a post-hook, so skips show)
-        optimizer.register_step_post_hook(self._count_optimizer_step)
+        self.optimizer_steps = 0  # counts optimizer steps really applied (an fp16 overflow skips one)
         self.scheduler = get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=config.warmup_steps,
                                        num_training_steps=self.total_steps)
-        self.model, self.optimizer = self.accelerator.prepare(actor_critic, optimizer)
+        # The engine (one process / DDP / DeepSpeed) wraps the pair and drives backward, clipping,
+        # steps, generation under sharding and the checkpoint's weights (align.ppo.engine).
+        self.engine = make_engine(self.accelerator, config)
+        self.model, self.optimizer = self.engine.prepare(actor_critic, optimizer, self.policy_params,
+                                                         self.critic_params)
         if not self.accelerator.sync_gradients:  # left over from an earlier stage's accumulation
             self.accelerator.gradient_state._set_sync_gradients(True)
         self.unwrapped = self.accelerator.unwrap_model(self.model)
         roles.to(self.accelerator.device)
+        roles.ref_model, roles.reward_model = (m if m is None else self.engine.prepare_frozen(m)
+                                               for m in (roles.ref_model, roles.reward_model))
         self.device = self.accelerator.device
 
         self.kl_ctl = (core.AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon)
@@ -166,9 +174,6 @@ class PPOTrainer:
         else:
             with self.bar.external_write_mode():  # clear the bar, print, redraw it below
                 self._log(message)
-
-    def _count_optimizer_step(self, optimizer, args, kwargs):
-        self.optimizer_steps += 1
 
     def _sum_all(self, t: torch.Tensor) -> torch.Tensor:
         return self.accelerator.reduce(t, reduction="sum") if self.world_size > 1 else t
@@ -201,7 +206,8 @@ class PPOTrainer:
     def rollout(self, prompts: list) -> Rollout:
         cfg = self.config
         query, query_mask = self.sampler.encode(prompts)
-        raw = self.sampler.generate(query, query_mask)
+        with self.engine.generation():
+            raw = self.sampler.generate(query, query_mask)
         mask, has_stop = self.sampler.stop_mask(raw)
         response = core.truncate_after_stop(raw, mask, self.tokenizer.pad_token_id)
         input_ids = torch.cat([query, response], dim=1)
@@ -209,8 +215,8 @@ class PPOTrainer:
         position_ids = position_ids_from(attention_mask)
         T = response.shape[1]
 
-        completions = [self.tokenizer.decode(row[m], skip_special_tokens=True) for row, m in zip(response, mask)]
-        raw_scores, per_source = self.rewards(prompts, completions, response, mask)
+        completions = [render.completion_text(self.tokenizer, row[m]) for row, m in zip(response, mask)]
+        raw_scores, per_source = self.rewards(prompts, completions, response, mask, has_stop)
 
         # With one minibatch of one micro-batch, the update's first forward pass would see this
         # whole batch under these very weights: run it here with gradients and let the update
@@ -273,15 +279,14 @@ class PPOTrainer:
                 for k in range(cfg.gradient_accumulation_steps):
                     idx = rows[k * micro:(k + 1) * micro]
                     last = k == cfg.gradient_accumulation_steps - 1
-                    with nullcontext() if last else self.accelerator.no_sync(self.model):
+                    with self.engine.accumulating(last):
                         loss, stats = self._micro_batch_loss(batch, idx, T, first_pass)
                         first_pass = None
-                        self.accelerator.backward(loss / cfg.gradient_accumulation_steps)
+                        self.engine.backward(loss, last)
                     for key, value in stats.items():
                         totals[key] = totals.get(key, 0.0) + value / cfg.gradient_accumulation_steps
-                grad_norms.append(self._clip_gradients())
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
+                grad_norms.append(self.engine.clip())
+                self.optimizer_steps += int(self.engine.step())
                 self.minibatch_stats.append({"epoch": epoch, "minibatch": m, **totals})
 
         def mean(key):
@@ -313,23 +318,6 @@ class PPOTrainer:
         stats = {"policy_loss": pg_loss.item(), "value_loss": vf_loss.item(),
                  **{k: v.item() for k, v in {**pg_stats, **vf_stats}.items()}}
         return loss, stats
-
-    def _clip_gradients(self) -> tuple[float, float]:
-        """Clip the policy's and the critic's gradients separately (the value loss is often
-        much larger early on and would otherwise shrink the policy's step)."""
-        self.accelerator.unscale_gradients()
-        norms = []
-        for params in (self.policy_params, self.critic_params):
-            with_grad = [p for p in params if p.grad is not None]
-            if not with_grad:
-                norms.append(0.0)
-                continue
-            if self.config.max_grad_norm is None:
-                norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in with_grad]))
-            else:
-                norm = torch.nn.utils.clip_grad_norm_(with_grad, self.config.max_grad_norm)
-            norms.append(float(norm))
-        return norms[0], norms[1]
 
     # ------------------------------------------------------------------ the loop
 
@@ -480,11 +468,8 @@ class PPOTrainer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         self.accelerator.wait_for_everyone()
+        self.engine.save_state(tmp, self.unwrapped, self.is_main)  # trainable weights + optimizer
         if self.is_main:
-            from safetensors.torch import save_file
-
-            save_file(self.unwrapped.trainable_state_dict(), str(tmp / "trainable.safetensors"))
-            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(_rng_state(), tmp / f"rng_state_{self.rank}.pth")
         self.accelerator.wait_for_everyone()
@@ -513,11 +498,8 @@ class PPOTrainer:
             self.accelerator.wait_for_everyone()
             return
         path = found[-1]
-        from safetensors.torch import load_file
-
         state = json.loads((path / "trainer_state.json").read_text())
-        self.unwrapped.load_trainable_state_dict(load_file(str(path / "trainable.safetensors")))
-        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False))
+        self.engine.load_state(path, self.unwrapped)
         self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=False))
         self.kl_ctl.load_state_dict(state["kl_controller"])
         self.step = self.resumed_from_step = int(state["step"])
@@ -542,8 +524,9 @@ class PPOTrainer:
         SFT output; the critic into `directory/critic`."""
         self.accelerator.wait_for_everyone()
         directory = Path(directory)
-        self.roles.save_policy(directory, self.is_main)
-        self.roles.save_critic(directory / "critic", self.is_main)
+        with self.engine.full_weights(self.unwrapped.parameters()):  # gathered where sharded (ZeRO-3)
+            self.roles.save_policy(directory, self.is_main)
+            self.roles.save_critic(directory / "critic", self.is_main)
         if self.is_main:
             (tokenizer or self.tokenizer).save_pretrained(str(directory))
             (tokenizer or self.tokenizer).save_pretrained(str(directory / "critic"))

@@ -19,7 +19,7 @@ loadable like an SFT output; the critic in `critic/` (loadable as a reward model
 
 from __future__ import annotations
 
-from align import data, models
+from align import data, distributed, models, render
 from align.errors import AlignError, first_line
 from align.functions import check_specs, load_reward_function
 from align.ppo.config import PPOConfig as Config  # noqa: F401  (the stage's config class)
@@ -70,12 +70,14 @@ def build_trainer(stage, ctx):
     policy_path = ctx.recipe.start_model(stage)
     trust = bool(ctx.model.get("trust_remote_code", False))
     tokenizer = models.load_tokenizer(policy_path, trust_remote_code=trust)
+    train = render.fit_prompts(train, tokenizer, config.max_prompt_length, f"{where}.dataset")
     peft = stage.options.get("peft")
     lora = peft_config(peft, task_type="CAUSAL_LM", where=f"{where}.peft") if peft else None
     funcs = {spec: load_reward_function(spec, f"{where}.reward_funcs")
              for spec in check_specs(stage.options.get("reward_funcs"), f"{where}.reward_funcs")}
     accelerator = make_accelerator(config, stage.dir)
-    with accelerator.main_process_first():  # a merged adapter copy is written once, then read by all
+    # A merged adapter copy is written once, then read by all; weights load whole (align.distributed).
+    with accelerator.main_process_first(), distributed.whole_weights():
         roles = load_roles(
             policy_path=policy_path, tokenizer=tokenizer, reward_path=stage.options.get("reward_model"),
             value_path=stage.options.get("value_model"), peft_config=lora,
