@@ -39,6 +39,7 @@ def load(target: str, *, load_in_4bit: bool = False, kind: str = "causal-lm", tr
     else:
         model = models.load_model(path, kind=kind, dtype=dtype, quantization=quant,
                                   trust_remote_code=trust_remote_code)
+    models.fit_tokenizer(model, tokenizer)  # a base whose tokenizer gained a pad token here
     if torch.cuda.is_available() and not load_in_4bit:
         model = model.cuda()
     model.eval()

@@ -189,14 +189,32 @@ def load_model(
             model = _model_class(kind).from_pretrained(path, **kwargs)
     except (OSError, ValueError) as e:
         raise AlignError(f"model: cannot load '{path}': {first_line(e)}") from None
-    if kind == "seq-cls" and model.config.pad_token_id is None:
-        model.config.pad_token_id = model.config.eos_token_id
+    if kind == "seq-cls":  # its score is read at the last token that is not the tokenizer's pad
+        model.config.pad_token_id = load_tokenizer(path, trust_remote_code=trust_remote_code).pad_token_id
     return model
 
 
 def adapter_kind(path) -> str:
     with open(Path(path) / ADAPTER_CONFIG) as f:
         return "seq-cls" if json.load(f).get("task_type") == "SEQ_CLS" else "causal-lm"
+
+
+def fit_tokenizer(model, tokenizer):
+    """Make `model` agree with the tokenizer that feeds it: room for every token, same pad id.
+
+    align adds a pad token to tokenizers without one (Llama 3, Mistral, GPT-2) and ChatML turn
+    tokens to those without a chat template (GPT-2, GPT-NeoX, OPT). peft then saves the resized
+    embeddings inside every adapter trained on such a base, so a base must be grown the same way
+    before such an adapter can be loaded onto it. Never shrinks: real vocabularies often have
+    spare rows (Qwen2.5: 151,936 rows for 151,665 tokens), which are then used as they are.
+
+    A sequence classifier finds the last real token of each row as the last one that is not
+    `config.pad_token_id`, so that id must be the one the batches are padded with (a pad copied
+    from eos would read the score from padding, or before a final eos)."""
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model
 
 
 def _load_merged_adapter(path, kind, dtype, trust_remote_code, kwargs):
@@ -209,6 +227,7 @@ def _load_merged_adapter(path, kind, dtype, trust_remote_code, kwargs):
     if own_kind == kind and "quantization_config" not in kwargs:
         base = load_model(adapter_base(path), kind=kind, dtype=dtype, trust_remote_code=trust_remote_code,
                           attn_implementation=kwargs.get("attn_implementation"))
+        fit_tokenizer(base, load_tokenizer(str(path), trust_remote_code=trust_remote_code))
         merged = PeftModel.from_pretrained(base, path).merge_and_unload()
         merged.config._name_or_path = str(path)
         return merged
@@ -219,6 +238,7 @@ def _load_merged_adapter(path, kind, dtype, trust_remote_code, kwargs):
         merged = load_model(str(path), kind=own_kind, dtype=dtype, trust_remote_code=trust_remote_code)
         tmp = target.with_name(f"merged.tmp{os.getpid()}")
         merged.save_pretrained(tmp, safe_serialization=True)
+        load_tokenizer(str(path), trust_remote_code=trust_remote_code).save_pretrained(tmp)  # a complete model folder
         try:
             os.replace(tmp, target)
         except OSError:  # another process (same launch) got there first: use its copy

@@ -183,10 +183,7 @@ def load_policy(stage, ctx, kind: str = "causal-lm"):
             trust_remote_code=trust, revision=ctx.model.get("revision") if path == ctx.model.get("name_or_path")
             else None, attn_implementation=ctx.model.get("attn_implementation"),
         )
-    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
-        model.resize_token_embeddings(len(tokenizer))  # we added a pad / end-of-turn token
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
+    models.fit_tokenizer(model, tokenizer)  # we may have added a pad / end-of-turn token
     if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
         model = models.prepare_kbit_training(model, bool(stage.args.get("gradient_checkpointing", False)))
     peft = stage.options.get("peft")
