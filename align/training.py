@@ -145,14 +145,18 @@ def load_datasets(stage, ctx):
     return train, evals
 
 
-def build_trainer(stage, ctx, trainer_cls, *, kind: str = "causal-lm", defaults=None, **trainer_kwargs):
+def build_trainer(stage, ctx, trainer_cls, *, kind: str = "causal-lm", defaults=None, prepare=None,
+                  **trainer_kwargs):
     """What every TRL-trainer stage builds: `trainer_cls` on the stage's data, starting model
     (`kind` "causal-lm" or "seq-cls"), tokenizer, peft config and TRL config.
 
-    `defaults` are stage-level config defaults (the recipe's fields still win), or a function of
-    the training set that returns them. With held-out data, evaluation runs every epoch."""
+    `prepare(train, evals, tokenizer) -> (train, evals)` reshapes the data once the tokenizer is
+    known. `defaults` are stage-level config defaults (the recipe's fields still win), or a
+    function of the training set that returns them. With held-out data, evaluation runs every epoch."""
     train, evals = load_datasets(stage, ctx)
     model, tokenizer, peft = load_policy(stage, ctx, kind=kind)
+    if prepare is not None:
+        train, evals = prepare(train, evals, tokenizer)
     config_defaults = {"eval_strategy": "epoch"} if evals is not None else {}
     config_defaults.update((defaults(train) if callable(defaults) else defaults) or {})
     return trainer_cls(

@@ -4,13 +4,13 @@ parameters, and a byte-level BPE tokenizer trained here that keeps the family's 
 conventions, the ones that break toolkits:
 
     family    bos (added by the tokenizer?)      eos              pad               end of turn     chat template
-    llama3    <|begin_of_text|> (yes, +template) <|end_of_text|>  none              <|eot_id|>      Llama 3 (TRL's copy)
+    llama3    <|begin_of_text|> (yes, +template) <|end_of_text|>  none (reserved)   <|eot_id|>      Llama 3 (TRL's copy)
     qwen2     none                               <|im_end|>       <|endoftext|>     <|im_end|>      Qwen2.5 (TRL's copy)
     qwen3     none                               <|endoftext|>    = eos             <|im_end|>      Qwen3 (TRL's copy), base-model eos
     gemma2    <bos> (yes, +template)             <eos>            <pad>             <end_of_turn>   Gemma (refuses a system role)
     mistral   <s> (yes, +template)               </s>             none              </s>            [INST] (refuses a system role)
     phi3      <s> (no)                           <|endoftext|>    = eos             <|end|>         Phi-3 (TRL's copy; appends eos)
-    gpt_neox  <|endoftext|> (no)                 <|endoftext|>    = eos             -               none (align adds ChatML)
+    gpt_neox  <|endoftext|> (no)                 <|endoftext|>    = eos             -               none (align adds one)
     gpt2      <|endoftext|> (no)                 <|endoftext|>    none              -               none; Conv1D layers, dropout 0.1
     opt       </s> (yes)                         </s>             <pad>             -               none; dropout 0.1
     olmo2     <|endoftext|> (template)           <|endoftext|>    <|pad|>           <|endoftext|>   OLMo 2 (bos = eos)
@@ -83,8 +83,8 @@ class Family:
 
 
 FAMILIES = [
-    Family("llama3", "LlamaConfig", ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
-                                     "<|end_header_id|>", "<|eot_id|>"),
+    Family("llama3", "LlamaConfig", ("<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
+                                     "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
            bos="<|begin_of_text|>", eos="<|end_of_text|>", add_bos=True, template="llama3", end_of_turn="<|eot_id|>",
            generation_eos=("<|end_of_text|>", "<|eot_id|>"), qlora=True),
     Family("qwen2", "Qwen2Config", ("<|endoftext|>", "<|im_start|>", "<|im_end|>"), eos="<|im_end|>",
@@ -133,12 +133,18 @@ def write_jsonl(path: Path, rows) -> Path:
     return path
 
 
+def reply(word: str) -> str:
+    """The SFT target: a word the base never saw before its turns (so the loss has far to fall in a
+    few LoRA steps), then the reversed word."""
+    return f"ok {word[::-1]}"
+
+
 def write_data(folder: Path) -> Path:
     """The chain's data: SFT turns, preference pairs, PPO prompts, all about reversing a word."""
     train = words(200, seed=1)
-    write_jsonl(folder / "sft.jsonl", ({"messages": chat(f"reverse {w}", w[::-1])} for w in train))
+    write_jsonl(folder / "sft.jsonl", ({"messages": chat(f"reverse {w}", reply(w))} for w in train))
     write_jsonl(folder / "prefs.jsonl", ({"prompt": chat(f"reverse {w}"),
-                                          "chosen": [{"role": "assistant", "content": w[::-1]}],
+                                          "chosen": [{"role": "assistant", "content": reply(w)}],
                                           "rejected": [{"role": "assistant", "content": "no idea"}]} for w in train))
     write_jsonl(folder / "prompts.jsonl", ({"prompt": chat(f"reverse {w}")} for w in words(16, seed=2)))
     return folder
@@ -217,7 +223,7 @@ def _examples(family: Family, tokenizer) -> list[list[int]]:
     return rows
 
 
-def pretrain(model, rows: list[list[int]], steps: int = 120, batch: int = 32, seed: int = 0):
+def pretrain(model, rows: list[list[int]], steps: int = 80, batch: int = 16, seed: int = 0):
     """A few seconds of causal-LM training on every token of `rows` (right-padded, masked)."""
     torch.manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)

@@ -9,7 +9,7 @@ users fine-tune (tests/families.py), with the invariants that family conventions
                            PPO's rollout (align renders and reads it at the mask's last token)
     merged == adapter      `align merge` output computes what base + adapter computes
     stops at end of turn   `align generate --load-in-4bit` ends each reply at the family's
-                           end-of-turn token (align's <|im_end|> where it added the template)
+                           end-of-turn token (the model's EOS where align added the template)
 
 One module-scoped fixture per family runs the chain once (`align run` through the CLI, in this
 process: a fresh interpreter costs ~13 s of imports); the tests read its outputs. Each family is
@@ -31,11 +31,19 @@ LORA = {"r": 8, "lora_alpha": 16, "target_modules": "all-linear"}
 QUANT = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": "float32"}
 TRAIN = {"logging_steps": 1, "save_strategy": "no", "per_device_train_batch_size": 8, "max_steps": 10,
          "learning_rate": 5e-3}
+# SFT teaches a new task, and for GPT-2, GPT-NeoX and OPT the chat format too: a LoRA on a model
+# this small needs a large step size to do that in a few seconds.
+SFT = {**TRAIN, "max_steps": 20, "learning_rate": 2e-2, "lr_scheduler_type": "constant"}
 MAX_NEW = 24
 
 # (family, invariant) pairs that fail for a reason another branch fixes: strict, so they turn
 # into failures (and must be removed from here) once that fix is merged.
-XFAIL: dict[tuple[str, str], str] = {}
+DROPOUT = ("fidelity: OPT's layers copy config.dropout (0.1) at construction, so dropout stays on where it "
+           "is switched off (PPO's disable_dropout, TRL's disable_dropout=True); with dropout 0 this passes")
+XFAIL: dict[tuple[str, str], str] = {
+    ("opt", "kl zero"): DROPOUT,
+    ("opt", "reward loss falls"): DROPOUT,
+}
 
 
 def families(invariant: str, only=None):
@@ -60,16 +68,16 @@ def align_cli(*argv):
 
 
 def recipe(family: F.Family, base, data, out) -> dict:
-    sft = {"dataset": {"path": str(data / "sft.jsonl")}, "peft": LORA, **TRAIN}
+    sft = {"dataset": {"path": str(data / "sft.jsonl")}, "peft": LORA, **SFT}
     if family.qlora:
         sft["quantization"] = QUANT
     prefs = {"path": str(data / "prefs.jsonl")}
     return {"name": f"family-{family.name}", "seed": 0, "output_dir": str(out), "model": str(base), "stages": {
         "sft": sft,
-        "reward": {"model": "${sft}", "dataset": prefs, "peft": LORA, **TRAIN},
+        "reward": {"model": "${sft}", "dataset": prefs, "peft": LORA, **TRAIN, "learning_rate": 2e-2},
         "ppo": {"model": "${sft}", "reward_model": "${reward}", "dataset": {"path": str(data / "prompts.jsonl")},
                 "peft": LORA, "num_train_steps": 2, "per_device_train_batch_size": 4, "response_length": 8,
-                "learning_rate": 1e-3, "logging_steps": 1},
+                "learning_rate": 2e-4, "logging_steps": 1},
         "dpo": {"model": "${sft}", "dataset": prefs, "peft": LORA, **TRAIN},
     }}
 
@@ -104,11 +112,24 @@ def _falls(losses: list[float]) -> bool:
     return sum(losses[-k:]) / k < sum(losses[:k]) / k
 
 
-@families("loss falls")
-@pytest.mark.parametrize("stage", ["sft", "reward", "dpo"])
-def test_loss_falls(chain, stage):
+def _assert_falls(chain, stage):
     losses = [e["loss"] for e in chain.log(stage) if "loss" in e]
     assert len(losses) >= 6 and _falls(losses), f"{stage} losses {losses}"
+
+
+@families("sft loss falls")
+def test_sft_loss_falls(chain):
+    _assert_falls(chain, "sft")
+
+
+@families("reward loss falls")
+def test_reward_loss_falls(chain):
+    _assert_falls(chain, "reward")
+
+
+@families("dpo loss falls")
+def test_dpo_loss_falls(chain):
+    _assert_falls(chain, "dpo")
 
 
 @families("kl zero")
@@ -166,7 +187,8 @@ def test_merged_equals_adapter(chain):
 
     tok = chain.tokenizer("ppo")
     texts = [_rendered(tok, "reverse abc", "cba"), _rendered(tok, "reverse de", "ed dd")]
-    base = models.fit_tokenizer(AutoModelForCausalLM.from_pretrained(chain.base, dtype=torch.float32), tok)
+    base = AutoModelForCausalLM.from_pretrained(chain.base, dtype=torch.float32)
+    base.resize_token_embeddings(max(len(tok), base.config.vocab_size))  # the adapter holds the rows align added
     adapter = PeftModel.from_pretrained(base, str(chain.run / "ppo")).eval()
     merged = AutoModelForCausalLM.from_pretrained(chain.merged, dtype=torch.float32).eval()
     a, m = _logits(adapter, tok, texts), _logits(merged, tok, texts)
@@ -174,8 +196,9 @@ def test_merged_equals_adapter(chain):
 
 
 def _end_of_turn(chain) -> int:
+    """The family's end-of-turn token; without a template of its own, the EOS that ends align's."""
     tok = chain.tokenizer("ppo")
-    return tok.convert_tokens_to_ids(chain.family.end_of_turn or models.END_OF_TURN)
+    return tok.convert_tokens_to_ids(chain.family.end_of_turn or tok.eos_token)
 
 
 @families("stops at end of turn")
