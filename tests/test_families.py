@@ -34,7 +34,7 @@ TRAIN = {"logging_steps": 1, "save_strategy": "no", "per_device_train_batch_size
 # SFT teaches a new task, and for GPT-2, GPT-NeoX and OPT the chat format too: a LoRA on a model
 # this small needs a large step size to do that in a few seconds.
 SFT = {**TRAIN, "max_steps": 20, "learning_rate": 2e-2, "lr_scheduler_type": "constant"}
-MAX_NEW = 24
+MAX_NEW = 48
 
 # (family, invariant) pairs that fail for a reason another branch fixes: strict, so they turn
 # into failures (and must be removed from here) once that fix is merged.
@@ -213,5 +213,9 @@ def test_4bit_generation_stops_at_end_of_turn(chain, tmp_path):
     prompts = [r["prompt"] for r in rows[:8]]
     _, ids = infer.generate(model, tok, prompts, max_new_tokens=MAX_NEW, return_ids=True)
     end = _end_of_turn(chain)
-    ended = [reply[-1] == end for _, reply in ids]
-    assert all(ended), [tok.decode(reply) for _, reply in ids]
+    replies = [reply for _, reply in ids]
+    texts = [tok.decode(reply) for reply in replies]
+    # A reply that reaches the end-of-turn token stops right there; one that never does (a tiny
+    # model may ramble) runs to the limit. Most end their turn, so the check is not vacuous.
+    assert all(r.index(end) == len(r) - 1 if end in r else len(r) == MAX_NEW for r in replies), texts
+    assert sum(end in r for r in replies) >= len(replies) // 2, texts
