@@ -40,6 +40,7 @@ def load(target: str, *, load_in_4bit: bool = False, kind: str = "causal-lm", tr
     else:
         model = models.load_model(path, kind=kind, dtype=dtype, quantization=quant,
                                   trust_remote_code=trust_remote_code)
+    models.fit_tokenizer(model, tokenizer)  # a base whose tokenizer gained a pad token here
     if torch.cuda.is_available() and not load_in_4bit:
         model = model.cuda()
     model.eval()
@@ -56,13 +57,8 @@ def sampling_kwargs(temperature=0.0, top_p=1.0, top_k=0) -> dict:
 
 
 def stop_token_ids(model, tokenizer) -> list[int]:
-    """The end-of-turn token (the tokenizer's eos) plus any eos ids of the model's generation config."""
-    ids = [tokenizer.eos_token_id]
-    extra = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    for i in extra if isinstance(extra, (list, tuple)) else [extra]:
-        if isinstance(i, int) and i not in ids:
-            ids.append(i)
-    return ids
+    """The tokens that end a reply (align.models.stop_token_ids)."""
+    return models.stop_token_ids(tokenizer, model)
 
 
 def cut_at_stop(row: list[int], stop_ids) -> list[int]:

@@ -90,8 +90,7 @@ def merge_adapter(adapter_dir, out, *, trust_remote_code: bool = False, quiet: b
     kind = "seq-cls" if adapter_cfg.get("task_type") == "SEQ_CLS" else "causal-lm"
     tokenizer = models.load_tokenizer(str(adapter_dir), trust_remote_code=trust_remote_code)
     model, config = _load_base_for_merge(adapter_dir, base, kind, trust_remote_code)
-    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
-        model.resize_token_embeddings(len(tokenizer))  # training added a pad / end-of-turn token
+    models.fit_tokenizer(model, tokenizer)  # training may have added a pad / end-of-turn token
     try:
         merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
     except (OSError, ValueError, RuntimeError, KeyError) as e:

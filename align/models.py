@@ -17,17 +17,19 @@ import torch
 
 from align.errors import AlignError, first_line
 
-# ChatML-style turns. `{% generation %}` marks assistant tokens so TRL can train on them only
-# (assistant_only_loss), and `<|im_end|>` ends every turn: it is the EOS token, so the model learns
-# to stop and generation halts at the end of its turn.
+# ChatML-style turns for tokenizers that ship no chat template. `{% generation %}` marks assistant
+# tokens so TRL can train on them only (assistant_only_loss). Every turn ends with the EOS token:
+# the model's own EOS when it has one (GPT-2, GPT-NeoX, OPT: `<|im_start|>` is then plain text),
+# because a LoRA adapter cannot train the embedding of a token added here, so a new end-of-turn
+# token would never be emitted; `<|im_end|>`, added as the EOS, only for a tokenizer without one.
 DEFAULT_CHAT_TEMPLATE = (
     "{%- for message in messages %}"
     "{%- if message['role'] == 'assistant' %}"
     "{{- '<|im_start|>assistant\n' }}"
-    "{%- generation %}{{- message['content'] + '<|im_end|>' }}{%- endgeneration %}"
+    "{%- generation %}{{- message['content'] + eos_token }}{%- endgeneration %}"
     "{{- '\n' }}"
     "{%- else %}"
-    "{{- '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{{- '<|im_start|>' + message['role'] + '\n' + message['content'] + eos_token + '\n' }}"
     "{%- endif %}"
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"
@@ -35,6 +37,9 @@ DEFAULT_CHAT_TEMPLATE = (
 END_OF_TURN = "<|im_end|>"
 PAD = "<|pad|>"
 SPECIAL_TOKENS = [PAD, "<|im_start|>", END_OF_TURN, "<|endoftext|>"]
+# Tokens that ship unused in real vocabularies and can pad without growing the embeddings
+# (Llama 3.1 pads with the first; Llama 3 reserves the second).
+SPARE_PADS = ("<|finetune_right_pad_id|>", "<|reserved_special_token_0|>", PAD, "<pad>")
 
 ADAPTER_CONFIG = "adapter_config.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -140,20 +145,62 @@ def train_tokenizer(texts, vocab_size: int = 1024):
 def prepare_tokenizer(tokenizer):
     """Make a tokenizer ready for chat training: a chat template, an EOS and a pad token.
 
-    The pad token is kept distinct from EOS when we add one, because masks inferred from
-    pad == eos hide the real end-of-turn token (see trl PR #5303).
+    The pad token must be none of the tokens that end a reply (the EOS, the template's end of
+    turn): a sequence classifier reads its score at the last token that is not the pad, and masks
+    inferred from pad == eos hide the real end-of-turn token (see trl PR #5303). Qwen base models
+    and Phi-3 ship pad == eos. A missing or clashing pad becomes the unknown token or a spare
+    token of the vocabulary when there is one (no new embedding row: an adapter trained on a
+    grown vocabulary must carry the whole embedding matrix), else a new `<|pad|>`.
     """
     if tokenizer.chat_template is None:
         setattr(tokenizer, PLAIN_EOS, tokenizer.eos_token or "")
-        if END_OF_TURN not in tokenizer.get_vocab():
-            tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", END_OF_TURN]})
+        if tokenizer.eos_token is None or END_OF_TURN in tokenizer.get_vocab():
+            if END_OF_TURN not in tokenizer.get_vocab():
+                tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", END_OF_TURN]})
+            tokenizer.eos_token = END_OF_TURN
         tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
-        tokenizer.eos_token = END_OF_TURN
     if tokenizer.eos_token is None:
         raise AlignError("the tokenizer has no eos_token; set one in the tokenizer files")
-    if tokenizer.pad_token is None:
-        tokenizer.add_special_tokens({"pad_token": PAD})
+    stops = {tokenizer.eos_token_id, *end_of_turn_ids(tokenizer)}
+    if tokenizer.pad_token is None or tokenizer.pad_token_id in stops:
+        vocab = tokenizer.get_vocab()
+        spare = [t for t in (tokenizer.unk_token, *SPARE_PADS) if t in vocab and vocab[t] not in stops]
+        if spare:
+            tokenizer.pad_token = spare[0]
+        else:
+            tokenizer.add_special_tokens({"pad_token": PAD})
     return tokenizer
+
+
+def end_of_turn_ids(tokenizer) -> list[int]:
+    """The special token the chat template closes an assistant turn with: the first special token
+    rendered after a reply (Llama 3's <|eot_id|>, ChatML's <|im_end|>, Gemma's <end_of_turn>,
+    Phi-3's <|end|>, Mistral's and OLMo 2's eos). It is often not the tokenizer's eos (Qwen base
+    models: <|endoftext|>; Llama 3: <|end_of_text|>), and a model taught to end its turns stops
+    only if generation stops there. [] when the template renders no special token after a reply."""
+    from jinja2.exceptions import TemplateError
+
+    reply = "Zq7 xj"
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": reply}],
+                                             tokenize=False)
+    except (TemplateError, ValueError, TypeError):
+        return []
+    at = text.rfind(reply)
+    if at < 0:
+        return []
+    special = {i for i, token in tokenizer.added_tokens_decoder.items() if token.special}
+    after = tokenizer(text[at + len(reply):], add_special_tokens=False)["input_ids"]
+    return [next(i for i in after if i in special)] if any(i in special for i in after) else []
+
+
+def stop_token_ids(tokenizer, model=None) -> list[int]:
+    """Every token that ends a reply: the tokenizer's eos, the chat template's end of turn, and the
+    eos ids of the model's generation config (Llama-3-Instruct lists end of text and end of turn)."""
+    ids = [tokenizer.eos_token_id, *end_of_turn_ids(tokenizer)]
+    extra = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids += list(extra) if isinstance(extra, (list, tuple)) else [extra]
+    return list(dict.fromkeys(int(i) for i in ids if isinstance(i, int)))
 
 
 def load_tokenizer(path: str, *, trust_remote_code: bool = False, revision: str | None = None):
@@ -251,14 +298,32 @@ def load_model(
             model = _model_class(kind).from_pretrained(path, **kwargs)
     except (OSError, ValueError) as e:
         raise AlignError(f"model: cannot load '{path}': {first_line(e)}") from None
-    if kind == "seq-cls" and model.config.pad_token_id is None:
-        model.config.pad_token_id = model.config.eos_token_id
+    if kind == "seq-cls":  # its score is read at the last token that is not the tokenizer's pad
+        model.config.pad_token_id = load_tokenizer(path, trust_remote_code=trust_remote_code).pad_token_id
     return model
 
 
 def adapter_kind(path) -> str:
     with open(Path(path) / ADAPTER_CONFIG) as f:
         return "seq-cls" if json.load(f).get("task_type") == "SEQ_CLS" else "causal-lm"
+
+
+def fit_tokenizer(model, tokenizer):
+    """Make `model` agree with the tokenizer that feeds it: room for every token, same pad id.
+
+    align adds a pad token to tokenizers without one (Llama 3, Mistral, GPT-2) and ChatML turn
+    tokens to those without a chat template (GPT-2, GPT-NeoX, OPT). peft then saves the resized
+    embeddings inside every adapter trained on such a base, so a base must be grown the same way
+    before such an adapter can be loaded onto it. Never shrinks: real vocabularies often have
+    spare rows (Qwen2.5: 151,936 rows for 151,665 tokens), which are then used as they are.
+
+    A sequence classifier finds the last real token of each row as the last one that is not
+    `config.pad_token_id`, so that id must be the one the batches are padded with (a pad copied
+    from eos would read the score from padding, or before a final eos)."""
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model
 
 
 def _load_merged_adapter(path, kind, dtype, trust_remote_code, kwargs):
@@ -271,6 +336,7 @@ def _load_merged_adapter(path, kind, dtype, trust_remote_code, kwargs):
     if own_kind == kind and "quantization_config" not in kwargs:
         base = load_model(adapter_base(path), kind=kind, dtype=dtype, trust_remote_code=trust_remote_code,
                           attn_implementation=kwargs.get("attn_implementation"))
+        fit_tokenizer(base, load_tokenizer(str(path), trust_remote_code=trust_remote_code))
         merged = PeftModel.from_pretrained(base, path).merge_and_unload()
         merged.config._name_or_path = str(path)
         return merged
@@ -281,6 +347,7 @@ def _load_merged_adapter(path, kind, dtype, trust_remote_code, kwargs):
         merged = load_model(str(path), kind=own_kind, dtype=dtype, trust_remote_code=trust_remote_code)
         tmp = target.with_name(f"merged.tmp{os.getpid()}")
         merged.save_pretrained(tmp, safe_serialization=True)
+        load_tokenizer(str(path), trust_remote_code=trust_remote_code).save_pretrained(tmp)  # a complete model folder
         try:
             os.replace(tmp, target)
         except OSError:  # another process (same launch) got there first: use its copy

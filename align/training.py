@@ -153,14 +153,18 @@ def load_datasets(stage, ctx):
     return converted, render.conversational_dataset(evals)
 
 
-def build_trainer(stage, ctx, trainer_cls, *, kind: str = "causal-lm", defaults=None, **trainer_kwargs):
+def build_trainer(stage, ctx, trainer_cls, *, kind: str = "causal-lm", defaults=None, prepare=None,
+                  **trainer_kwargs):
     """What every TRL-trainer stage builds: `trainer_cls` on the stage's data, starting model
     (`kind` "causal-lm" or "seq-cls"), tokenizer, peft config and TRL config.
 
-    `defaults` are stage-level config defaults (the recipe's fields still win), or a function of
-    the training set that returns them. With held-out data, evaluation runs every epoch."""
+    `prepare(train, evals, tokenizer) -> (train, evals)` reshapes the data once the tokenizer is
+    known. `defaults` are stage-level config defaults (the recipe's fields still win), or a
+    function of the training set that returns them. With held-out data, evaluation runs every epoch."""
     train, evals = load_datasets(stage, ctx)
     model, tokenizer, peft = load_policy(stage, ctx, kind=kind)
+    if prepare is not None:
+        train, evals = prepare(train, evals, tokenizer)
     config_defaults = {"eval_strategy": "epoch"} if evals is not None else {}
     config_defaults.update((defaults(train) if callable(defaults) else defaults) or {})
     args = trainer_config(stage, ctx, **config_defaults)
@@ -213,10 +217,7 @@ def load_policy(stage, ctx, kind: str = "causal-lm"):
             trust_remote_code=trust, revision=ctx.model.get("revision") if path == ctx.model.get("name_or_path")
             else None, attn_implementation=ctx.model.get("attn_implementation"),
         )
-    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
-        model.resize_token_embeddings(len(tokenizer))  # we added a pad / end-of-turn token
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
+    models.fit_tokenizer(model, tokenizer)  # we may have added a pad / end-of-turn token
     if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
         model = models.prepare_kbit_training(model, bool(stage.args.get("gradient_checkpointing", False)))
     peft = stage.options.get("peft")

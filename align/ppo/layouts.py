@@ -143,10 +143,7 @@ def _load_lm(path: str, tokenizer, options: LoadOptions, *, kind="causal-lm", qu
     gained a pad token in align.models.prepare_tokenizer)."""
     model = models.load_model(path, kind=kind, dtype=options.dtype, trust_remote_code=options.trust_remote_code,
                               quantization=options.quantization if quantize else None)
-    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
-        model.resize_token_embeddings(len(tokenizer))
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
+    models.fit_tokenizer(model, tokenizer)
     return model
 
 

@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from align import render
+from align import models, render
 from align.errors import AlignError
 from align.ppo import core
 
@@ -145,14 +145,9 @@ class Sampler:
 
 
 def _stop_token_ids(tokenizer, lm) -> set[int]:
-    """The tokenizer's EOS plus every EOS of the model's generation config (chat models often
-    end a turn with a token of their own)."""
-    ids = set()
-    for source in (tokenizer.eos_token_id, getattr(lm.generation_config, "eos_token_id", None)):
-        if isinstance(source, int):
-            ids.add(source)
-        elif isinstance(source, (list, tuple)):
-            ids.update(int(i) for i in source)
+    """The tokenizer's EOS, the chat template's end of turn and every EOS of the model's generation
+    config (chat models often end a turn with a token of their own)."""
+    ids = set(models.stop_token_ids(tokenizer, lm))
     if not ids:
         raise AlignError("model: the tokenizer has no eos_token; PPO needs one to end responses")
     return ids
