@@ -30,7 +30,8 @@ def nonfinite_weight(named_parameters) -> str | None:
     import torch
 
     for name, param in named_parameters:
-        if param.requires_grad and param.is_floating_point() and param.numel() and not torch.isfinite(param).all():
+        local = param.to_local() if hasattr(param, "to_local") else param  # FSDP2: this process's shard
+        if param.requires_grad and local.is_floating_point() and local.numel() and not torch.isfinite(local).all():
             return name
     return None
 

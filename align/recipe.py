@@ -229,8 +229,8 @@ def build_recipe(raw: dict, base_dir: Path = Path(".")) -> Recipe:
         stage_type = block.pop("type", stage_name)
         module = stage_module(stage_type, where)
         options, args = _split(block, module, where)
-        stage = Stage(stage_name, stage_type, module, options, args, output_dir / stage_name)
-        stage.hashed = _split({k: v for k, v in as_hashed.items() if k != "type"}, module, where)
+        hashed = _split({k: v for k, v in as_hashed.items() if k != "type"}, module, where)
+        stage = Stage(stage_name, stage_type, module, options, args, output_dir / stage_name, hashed=hashed)
         if hasattr(module, "validate"):
             module.validate(stage, model)
         stages.append(stage)

@@ -10,7 +10,6 @@ import os
 from pathlib import Path
 
 import torch
-
 from transformers import TrainerCallback
 
 from align import data, models, rundir
@@ -229,7 +228,7 @@ class Guard(TrainerCallback):
     def _before_save(self, args, state, control, model):
         if control.should_save:
             control.should_log = True
-            bad = nonfinite_weight(model.named_parameters()) if model is not None else None
+            bad = _nonfinite_weight(self.trainer, model)
             if bad:
                 self._stop(args, state, f"weight {bad} is not finite")
 
@@ -252,6 +251,18 @@ class Guard(TrainerCallback):
             checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             rundir.remove(checkpoint / "training_args.bin", self.stage.dir)
             rundir.write_file_list(checkpoint)
+
+
+def _nonfinite_weight(trainer, model) -> str | None:
+    """A non-finite trainable weight's name, decided by every process together: under FSDP each
+    holds only its shard, and all must stop or none."""
+    bad = nonfinite_weight((model or trainer.model).named_parameters())
+    accelerator = trainer.accelerator
+    if accelerator.num_processes > 1:
+        flags = accelerator.gather(torch.tensor([bad is not None], dtype=torch.int32, device=accelerator.device))
+        if bool(flags.any()) and not bad:
+            bad = "held by another process"
+    return bad
 
 
 def train_and_save(trainer, stage, ctx) -> dict:
@@ -283,7 +294,7 @@ def train_and_save(trainer, stage, ctx) -> dict:
         "resumed_from_step": resumed,
         "train_runtime": result.metrics.get("train_runtime") if result else None,
     }
-    bad = nonfinite_weight(trainer.model.named_parameters())
+    bad = _nonfinite_weight(trainer, None)
     if bad:
         raise diverged(trainer.state.global_step, f"weight {bad} is not finite",
                        rundir.complete_checkpoints(stage.dir / rundir.CHECKPOINTS))

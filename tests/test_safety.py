@@ -3,7 +3,6 @@ stage to a failed edit or a second run, never saves diverged or damaged work as 
 never runs code planted in a checkpoint, and never writes a token."""
 
 import hashlib
-import json
 import os
 import shutil
 import signal
@@ -327,8 +326,9 @@ def test_truncated_finished_model_is_rebuilt_not_trusted(tmp_path, finished, tin
 
 def test_resumed_stage_reports_train_loss_and_tokens_of_every_step(tmp_path, finished, tiny_model, data_dir):
     run, recipe = _copy(finished, tmp_path, tiny_model, data_dir)
-    for name in (rundir.MARKER, "model.safetensors", "checkpoints/checkpoint-8"):
-        rundir.remove(run / "sft" / name, run)
+    for name in (rundir.MARKER, "model.safetensors"):
+        (run / "sft" / name).unlink()
+    shutil.rmtree(run / "sft" / "checkpoints" / "checkpoint-8")
     again = run_align(["run", recipe], check=True)
     assert "resuming from checkpoint-4" in again.stdout
     whole, resumed = read_metrics(finished / "sft"), read_metrics(run / "sft")
