@@ -276,23 +276,23 @@ def install(stage, built: Path):
     """Put a completed build in place of the stage's old output, then delete the old output."""
     if Path(built) == stage.dir:
         return
-    root = stage.dir.parent
+    root, old = stage.dir.parent, _old_dir(stage)
+    remove(old, root)  # left by an interrupted install, whose new output is complete
     if stage.dir.exists():
-        os.replace(stage.dir, _old_dir(stage))
+        os.replace(stage.dir, old)
     os.replace(built, stage.dir)
-    remove(_old_dir(stage), root)
+    remove(old, root)
 
 
 def recover(stage):
-    """Finish a swap that a kill interrupted: a complete build goes in place, else the old
-    output comes back."""
+    """Finish an install that a kill interrupted (a build is marked complete just before it is
+    installed); without a complete build, put back an old output that was moved aside."""
     root, build, old = stage.dir.parent, build_dir(stage), _old_dir(stage)
-    if not stage.dir.exists() and isinstance(read_json(build / MARKER), dict):
-        os.replace(build, stage.dir)
-    if not stage.dir.exists() and old.exists():
+    if isinstance(read_json(build / MARKER), dict):
+        install(stage, build)
+    elif not stage.dir.exists() and old.exists():
         os.replace(old, stage.dir)
-    if old.exists():
-        remove(old, root)
+    remove(old, root)
 
 
 def _config_of(folder: Path) -> str | None:

@@ -150,6 +150,15 @@ def test_rebuild_beside_resumes_and_an_interrupted_swap_is_finished(tmp_path):
     assert rundir.is_complete(new) and (run / "sft" / "model.safetensors").read_text() == "new weights"
     assert sorted(p.name for p in run.iterdir()) == ["sft"]
 
+    # Killed after the build was marked complete, before `install` began.
+    newer = stage("D")
+    build = rundir.prepare_stage_dir(newer)
+    (build / "model.safetensors").write_text("newer weights")
+    rundir.mark_complete(types.SimpleNamespace(**{**vars(newer), "dir": build}), {})
+    rundir.recover(newer)
+    assert rundir.is_complete(newer) and (run / "sft" / "model.safetensors").read_text() == "newer weights"
+    assert sorted(p.name for p in run.iterdir()) == ["sft"]
+
 
 # ---------------------------------------------------------------------------------------------
 # 3. Duplicate keys
