@@ -34,7 +34,7 @@ from pathlib import Path
 import yaml
 
 from align.errors import AlignError, first_line, suggest
-from align.secrets import scrub
+from align.secrets import SECRET_KEYS, scrub
 
 TOP_LEVEL = {
     "name": "run name, shown in logs and model cards",
@@ -47,6 +47,9 @@ TOP_LEVEL = {
 MODEL_KEYS = {"name_or_path", "dtype", "trust_remote_code", "revision", "attn_implementation"}
 HUB_KEYS = {"repo_id", "stages", "private", "merged"}
 REF = re.compile(r"\$\{([A-Za-z0-9_.-]+)\}")
+# A stage name is the name of its folder in output_dir, so never a path; `plots` is the report's.
+STAGE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
+RESERVED_NAMES = {"plots"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -54,7 +57,25 @@ REF = re.compile(r"\$\{([A-Za-z0-9_.-]+)\}")
 
 
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that reads `1e-4` as a float (YAML 1.1 would make it a string: trl #1487)."""
+    """SafeLoader that reads `1e-4` as a float (YAML 1.1 would make it a string: trl #1487) and
+    refuses a key given twice in one mapping: plain YAML keeps the last one, so a second `sft:`
+    block would silently replace the first, finished stage."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # `<<: *defaults` is meant to be overridden
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                if isinstance(key, typing.Hashable) and key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key '{key}' (lines {seen[key]} and {line}); give each key once",
+                        key_node.start_mark)
+                if isinstance(key, typing.Hashable):
+                    seen[key] = line
+        return super().construct_mapping(node, deep=deep)
 
 
 _Loader.add_implicit_resolver(
@@ -114,6 +135,7 @@ class Stage:
     args: dict  # fields of the stage's config class, coerced to their types
     dir: Path
     hash: str = ""
+    hashed: tuple = ()  # (options, args) with `${stage}` references unresolved: what the hash covers
 
     def config(self, **extra):
         """An instance of the stage's config class (TRL's SFTConfig, ...)."""
@@ -142,7 +164,8 @@ class Recipe:
         raise AlignError(f"--stage {name}: no such stage; the recipe has {', '.join(s.name for s in self.stages)}")
 
     def earlier(self, stage: Stage) -> list[Stage]:
-        return self.stages[: self.stages.index(stage)]
+        # By name: while a stage is built its copy points at the build folder.
+        return self.stages[: [s.name for s in self.stages].index(stage.name)]
 
     def start_model(self, stage: Stage) -> str:
         """The model a stage starts from: its own `model:`, else the latest earlier stage that
@@ -188,22 +211,26 @@ def build_recipe(raw: dict, base_dir: Path = Path(".")) -> Recipe:
     output_dir = Path(str(raw.get("output_dir") or Path("runs") / name))
     model = _model_block(raw.get("model"))
 
-    # Stage outputs are what `${name}` refers to; only earlier stages can be named.
+    # Stage outputs are what `${name}` refers to; only earlier stages can be named. Hashes see
+    # `${name}` itself, not the folder: moving the run folder must not retrain anything.
     stages: list[Stage] = []
     refs = {"output_dir": str(output_dir)}
     for stage_name, block in raw["stages"].items():
         where = f"stages.{stage_name}"
+        check_stage_name(stage_name, where)
         if block is None:
             block = {}
         if not isinstance(block, dict):
             raise AlignError(f"{where}: expected a mapping of fields, got {type(block).__name__}")
-        block = _interpolate(block, refs, where, [s for s in raw["stages"]])
+        _check_block(block, where)
+        placeholders = {name: f"${{{name}}}" for name in refs}
+        as_hashed = _interpolate(block, placeholders, where, list(raw["stages"]))
+        block = _interpolate(block, refs, where, list(raw["stages"]))
         stage_type = block.pop("type", stage_name)
         module = stage_module(stage_type, where)
-        options = {k: block.pop(k) for k in list(block) if k in module.OPTIONS}
-        check_keys(block, _field_names(module.Config), where=where, kind=f"{module.Config.__name__} field")
-        args = {k: coerce(v, _field_types(module.Config).get(k), f"{where}.{k}") for k, v in block.items()}
-        stage = Stage(stage_name, stage_type, module, options, args, output_dir / stage_name)
+        options, args = _split(block, module, where)
+        hashed = _split({k: v for k, v in as_hashed.items() if k != "type"}, module, where)
+        stage = Stage(stage_name, stage_type, module, options, args, output_dir / stage_name, hashed=hashed)
         if hasattr(module, "validate"):
             module.validate(stage, model)
         stages.append(stage)
@@ -219,6 +246,33 @@ def build_recipe(raw: dict, base_dir: Path = Path(".")) -> Recipe:
                       "stages": {s.name: {"type": s.type, **s.options, **s.args} for s in stages}})
     _chain_hashes(stages, model, seed)
     return Recipe(name, seed, output_dir, model, stages, hub, resolved)
+
+
+def check_stage_name(name, where: str):
+    if not isinstance(name, str) or not STAGE_NAME.fullmatch(name) or name in RESERVED_NAMES:
+        taken = f"; '{name}' is taken by the run's report" if name in RESERVED_NAMES else ""
+        raise AlignError(f"{where}: stage name {name!r} is not a plain name: use letters, digits, '_' and '-', "
+                         f"starting with a letter or '_' (it names the stage's folder in output_dir){taken}")
+
+
+def _split(block: dict, module, where: str) -> tuple[dict, dict]:
+    """(align-level options, config-class fields coerced to their types) of a stage block."""
+    block = dict(block)
+    options = {k: block.pop(k) for k in list(block) if k in module.OPTIONS}
+    check_keys(block, _field_names(module.Config), where=where, kind=f"{module.Config.__name__} field")
+    return options, {k: coerce(v, _field_types(module.Config).get(k), f"{where}.{k}") for k, v in block.items()}
+
+
+def _check_block(block: dict, where: str):
+    """Fields a stage block must not set: tokens (they would be pickled into every checkpoint's
+    training_args.bin) and `output_dir` (a stage writes into <output_dir>/<stage>)."""
+    for key in block:
+        if key in SECRET_KEYS:
+            raise AlignError(f"{where}.{key}: a token never goes in a recipe (it would be written into the run "
+                             f"folder); remove it and set HF_TOKEN in the environment or run `hf auth login`")
+        if key == "output_dir":
+            raise AlignError(f"{where}.output_dir: a stage writes into <output_dir>/<stage name>; remove it and set "
+                             f"the top-level output_dir instead")
 
 
 def _model_block(value) -> dict:
@@ -258,8 +312,9 @@ def _chain_hashes(stages: list[Stage], model: dict, seed: int):
     # changing a stage reruns it and every stage after it.
     previous = _digest({"model": model, "seed": seed})
     for stage in stages:
-        previous = stage.hash = _digest({"prev": previous, "type": stage.type, "options": stage.options,
-                                         "args": stage.args, "version": getattr(stage.module, "VERSION", None)})
+        options, args = stage.hashed
+        previous = stage.hash = _digest({"prev": previous, "type": stage.type, "options": options,
+                                         "args": args, "version": getattr(stage.module, "VERSION", None)})
 
 
 def _digest(obj) -> str:

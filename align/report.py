@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from align.markdown import table
-from align.rundir import MARKER, METRICS, read_json, read_log_history, read_recipe, write_atomic
+from align.rundir import MARKER, METRICS, read_json, read_log_history, read_recipe, remove, write_atomic
 from align.stages import TYPES, Traits, traits
 
 REPORT = "report.md"
@@ -349,7 +349,7 @@ def write_report(run_dir) -> Path:
 
     for old in plots_dir.glob("*.png"):  # plots of stages that no longer have data
         if old.name not in made:
-            old.unlink(missing_ok=True)
+            remove(old, run_dir)
 
     path = run_dir / REPORT
     write_atomic(path, "\n".join(lines).rstrip() + "\n")

@@ -1,18 +1,26 @@
 """The run loop: stages in order, each skipped when finished with the same config, resumed from
 its last checkpoint when it was interrupted, and marked complete only after its output is saved.
 
-Under `accelerate launch` every process runs this loop; only the main process writes markers,
-metrics and the resolved recipe, and all processes wait for it at each boundary.
+A run holds the run folder's lock from start to end. A stage whose finished output belongs to
+another config is rebuilt beside it (`rundir.prepare_stage_dir`) and swapped in only once
+complete, so a failed edit never costs the old output.
+
+Under `accelerate launch` every process runs this loop; only the main process takes the lock
+and writes markers, metrics and the resolved recipe, and all processes wait for it at each
+boundary.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from align import rundir
+from align.divergence import Diverged
 from align.errors import AlignError, disk_full
 from align.functions import load_function, specs_of
 from align.recipe import Recipe, dump_yaml
@@ -109,43 +117,57 @@ def _check_models(recipe: Recipe, stage):
 
 
 def run(recipe: Recipe, only: str | None = None, dry_run: bool = False):
-    from transformers import set_seed
 
     from align import distributed
 
     state = distributed.process_state()  # a real process group on CPU too
     ctx = Context(recipe, state)
     selected = [recipe.stage(only)] if only else recipe.stages
-    if only:
-        index = recipe.stages.index(selected[0])
-        for prev in recipe.stages[:index]:
-            if not rundir.is_complete(prev):
-                raise AlignError(f"--stage {only}: earlier stage '{prev.name}' is not finished; run the recipe "
-                                 f"without --stage first")
-    todo = [s for s in selected if not rundir.is_complete(s)]
-    problem = None
-    if ctx.is_main:
-        try:
-            rundir.check_output_dir(recipe.output_dir, create=not dry_run)
-            _preflight(recipe, todo, dry_run)
-        except AlignError as e:
-            problem = str(e)
-    if state.num_processes > 1:  # the other processes must stop too, not wait for the main one forever
-        from accelerate.utils import broadcast_object_list
+    with contextlib.ExitStack() as held:
+        problem = None
+        if ctx.is_main:
+            try:
+                rundir.check_output_dir(recipe.output_dir, create=not dry_run)
+                if not dry_run:  # the lock is held until the run ends; then nothing else writes here
+                    held.enter_context(rundir.locked(recipe.output_dir))
+                    for stage in recipe.stages:
+                        rundir.recover(stage)
+                _check_earlier(recipe, only)
+                _preflight(recipe, [s for s in selected if not rundir.is_complete(s)], dry_run)
+            except AlignError as e:
+                problem = str(e)
+        if state.num_processes > 1:  # the other processes must stop too, not wait for the main one forever
+            from accelerate.utils import broadcast_object_list
 
-        problem = broadcast_object_list([problem])[0]
-        if problem and not ctx.is_main:
-            sys.exit(2)  # the main process reports it
-    if problem:
-        raise AlignError(problem)
-    if dry_run:
-        from align import plan
+            problem = broadcast_object_list([problem])[0]
+            if problem and not ctx.is_main:
+                sys.exit(2)  # the main process reports it
+        if problem:
+            raise AlignError(problem)
+        if dry_run:
+            from align import plan
 
-        ctx.log(plan.plan_text(recipe))
+            ctx.log(plan.plan_text(recipe))
+            return
+        _run_stages(recipe, selected, ctx)
+
+
+def _check_earlier(recipe: Recipe, only: str | None):
+    if not only:
         return
+    for prev in recipe.earlier(recipe.stage(only)):
+        if not rundir.is_complete(prev):
+            raise AlignError(f"--stage {only}: earlier stage '{prev.name}' is not finished; run the recipe "
+                             f"without --stage first")
+
+
+def _run_stages(recipe: Recipe, selected, ctx: Context):
+    from transformers import set_seed
+
+    todo = [s for s in selected if not rundir.is_complete(s)]
     if ctx.is_main:
         rundir.write_atomic(recipe.output_dir / rundir.RECIPE, dump_yaml(recipe.resolved))
-    if not state.is_main_process:
+    else:
         _quiet_workers()
 
     for stage in selected:
@@ -153,25 +175,33 @@ def run(recipe: Recipe, only: str | None = None, dry_run: bool = False):
             ctx.log(f"= {stage.name:<10} finished earlier (config unchanged) -> {stage.dir}")
             _push_if_asked(recipe, stage, ctx)  # a push that failed last time is retried
             continue
+        problem = rundir.completion_problem(stage)
         if ctx.is_main:
             rundir.prepare_stage_dir(stage)
         ctx.wait()
+        # The stage is built in its own folder, or beside its finished output when that exists.
+        building = dataclasses.replace(stage, dir=rundir.building_in(stage))
+        if building.dir != stage.dir:
+            ctx.log(f"  {stage.name}: {problem}; the old output stays until the new one is complete")
         ctx.log(f"> {stage.name:<10} {stage.type} ...")
         set_seed(recipe.seed)
         start = time.time()
         try:
-            metrics = stage.module.run(stage, ctx) or {}
+            metrics = stage.module.run(building, ctx) or {}
+        except Diverged as e:
+            raise AlignError(f"stages.{stage.name}: {e}") from None
         except Exception as e:  # a full disk reads differently from every library that writes
-            path = disk_full(e, stage.dir)
+            path = disk_full(e, building.dir)
             if path is None:
                 raise
             raise AlignError(f"stage {stage.name}: no space left on device while writing {path}") from None
         metrics["stage_seconds"] = round(time.time() - start, 2)
-        metrics["world_size"] = state.num_processes
+        metrics["world_size"] = ctx.state.num_processes
         metrics["engine"] = distributed.in_use()
         ctx.wait()
         if ctx.is_main:
-            rundir.mark_complete(stage, metrics)
+            rundir.mark_complete(building, metrics)
+            rundir.install(stage, building.dir)
         ctx.wait()
         ctx.log(summary_line(stage, metrics))
         _push_if_asked(recipe, stage, ctx)

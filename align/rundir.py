@@ -3,15 +3,21 @@
     <output_dir>/
       recipe.yaml                     the resolved recipe (secrets removed)
       report.md, plots/               `align report`
+      .align-lock                     held (flock) by the `align run` using the folder
       <stage>/
         .align-config                 written first: the config hash the partial contents belong to
-        .align-complete.json          written last, atomically: the stage is finished
+        .align-complete.json          written last, atomically: the stage is finished, with the
+                                      size of every file it vouches for
         metrics.json                  the stage's final metrics
         log_history.jsonl             every logged step (TRL stages and PPO)
-        checkpoints/checkpoint-N      resumable state; complete once trainer_state.json parses
+        checkpoints/checkpoint-N      resumable state; complete once trainer_state.json parses and
+                                      the sizes in its .align-files.json still hold
+      .<stage>.build/                 a changed stage rebuilt beside its finished output; it
+                                      replaces <stage> only once complete
 
 Every file is written through `write_atomic` / `write_jsonl` (a temporary file beside the target,
-then one rename), so a kill never leaves a half-written file that a later run trusts.
+then one rename), so a kill never leaves a half-written file that a later run trusts. Every
+deletion goes through `remove`, which refuses any path not strictly inside the run folder.
 """
 
 from __future__ import annotations
@@ -32,6 +38,8 @@ CONFIG_HASH = ".align-config"
 METRICS = "metrics.json"
 LOG_HISTORY = "log_history.jsonl"
 CHECKPOINTS = "checkpoints"
+LOCK = ".align-lock"
+FILES = ".align-files.json"  # a checkpoint's files and their sizes, written once it is complete
 
 
 # ---------------------------------------------------------------------------------------------
@@ -98,6 +106,69 @@ def atomic_dir(out):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def remove(path, root, *, ignore_errors: bool = False):
+    """Delete the file or folder `path`, which must lie strictly inside `root` (the run folder,
+    or a folder inside it); anything else is refused. Every deletion a run makes goes through
+    here. A symbolic link is removed as a link, never followed."""
+    path, root = Path(path), Path(root).resolve()
+    real = path.parent.resolve() / path.name
+    if path.name in ("", ".", "..") or root not in real.parents:
+        raise AlignError(f"refusing to delete '{path}': it is not inside the run folder '{root}'")
+    if real.is_symlink() or real.is_file():
+        real.unlink(missing_ok=True)
+    elif real.exists():
+        shutil.rmtree(real, ignore_errors=ignore_errors)
+
+
+@contextlib.contextmanager
+def locked(run_dir):
+    """Hold the run folder's lock for the block: a second `align run` on the folder stops at once.
+    It is an flock, so the kernel releases it when the process dies, however it dies."""
+    import fcntl
+
+    path = Path(run_dir) / LOCK
+    handle = open(path, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise AlignError(f"output_dir '{run_dir}' is in use by another `align run` ({holder}); wait for it to "
+                         f"finish, or give this run another output_dir") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()}")
+    handle.flush()
+    try:
+        yield
+    finally:
+        handle.close()  # releases the lock; the file stays (removing it would race a new holder)
+
+
+def file_sizes(folder, skip=()) -> dict[str, int]:
+    """{relative path: size} of every file under `folder`, except top-level names in `skip`."""
+    folder = Path(folder)
+    return {p.relative_to(folder).as_posix(): p.stat().st_size for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.relative_to(folder).parts[0] not in skip}
+
+
+def size_problem(folder, sizes: dict) -> str | None:
+    """What no longer matches a `file_sizes` record (a truncated or missing file), or None."""
+    for name, size in sizes.items():
+        path = Path(folder) / name
+        if not path.is_file():
+            return f"{path} is missing"
+        if path.stat().st_size != size:
+            return f"{path} is {path.stat().st_size:,} bytes, {size:,} when it was written"
+    return None
+
+
+def write_file_list(folder):
+    """Vouch for a finished checkpoint: record its files' sizes (resume checks them)."""
+    write_atomic(Path(folder) / FILES, json.dumps(file_sizes(folder, skip={FILES})))
+
+
 # ---------------------------------------------------------------------------------------------
 # The run folder and its stages
 
@@ -134,29 +205,101 @@ def read_recipe(run_dir) -> dict:
     return recipe
 
 
-def is_complete(stage) -> bool:
-    """Whether `stage` (anything with `.dir` and `.hash`) finished with its current config."""
+# Bookkeeping a finished stage does not vouch for: the marker itself, dotfiles written after it
+# (push records), checkpoints, and the merged copy a later stage may add.
+_UNVOUCHED = {CHECKPOINTS, "merged"}
+
+
+def completion_problem(stage) -> str | None:
+    """Why `stage` (anything with `.dir` and `.hash`) is not finished with its current config,
+    or None when it is: its marker must name this config, and every file it vouches for must
+    still have the size it had (a marker from before file lists existed vouches for the hash)."""
     marker = read_json(Path(stage.dir) / MARKER)
-    return isinstance(marker, dict) and marker.get("hash") == stage.hash
+    if not isinstance(marker, dict):
+        return "not finished"
+    if marker.get("hash") != stage.hash:
+        return "finished with another config"
+    return size_problem(stage.dir, marker.get("files") or {})
+
+
+def is_complete(stage) -> bool:
+    return completion_problem(stage) is None
 
 
 def mark_complete(stage, metrics: dict):
-    """Write the stage's metrics, then its completion marker (last, atomically)."""
+    """Write the stage's metrics, then its completion marker (last, atomically), which records
+    the size of every file of the output."""
     write_atomic(stage.dir / METRICS, json.dumps(metrics, indent=2, default=float))
-    write_atomic(stage.dir / MARKER, json.dumps({"hash": stage.hash, "type": stage.type,
+    files = {name: size for name, size in file_sizes(stage.dir, skip=_UNVOUCHED).items() if not name.startswith(".")}
+    write_atomic(stage.dir / MARKER, json.dumps({"hash": stage.hash, "type": stage.type, "files": files,
                                                  "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}))
 
 
-def prepare_stage_dir(stage):
-    """Keep a partial stage's checkpoints only when they belong to the same config."""
-    hash_file = stage.dir / CONFIG_HASH
+def build_dir(stage) -> Path:
+    """Where a changed stage is rebuilt, beside its finished output (a stage name never starts
+    with '.', so this never names another stage)."""
+    return stage.dir.with_name(f".{stage.dir.name}.build")
+
+
+def _old_dir(stage) -> Path:
+    return stage.dir.with_name(f".{stage.dir.name}.old")
+
+
+def prepare_stage_dir(stage) -> Path:
+    """The folder to build `stage` in, keeping partial work only when it belongs to this config.
+
+    A finished output (of another config, or damaged) stays where it is until its replacement
+    is complete: the stage is built in `build_dir(stage)`, which `install` swaps in. Otherwise
+    the stage is built in place. Either way an interrupted build resumes from its checkpoints."""
+    root = stage.dir.parent
+    build = build_dir(stage)
+    if build.exists() and _config_of(build) != stage.hash:
+        remove(build, root)
+    if build.exists() or isinstance(read_json(stage.dir / MARKER), dict):
+        target = build
+    else:
+        target = stage.dir
+        if target.exists() and _config_of(target) != stage.hash:
+            remove(target, root)
+    target.mkdir(parents=True, exist_ok=True)
+    remove(target / MARKER, root)
+    write_atomic(target / CONFIG_HASH, stage.hash)
+    return target
+
+
+def building_in(stage) -> Path:
+    """The folder `prepare_stage_dir` chose (every process of a launch asks after it ran)."""
+    return build_dir(stage) if build_dir(stage).exists() else stage.dir
+
+
+def install(stage, built: Path):
+    """Put a completed build in place of the stage's old output, then delete the old output."""
+    if Path(built) == stage.dir:
+        return
+    root, old = stage.dir.parent, _old_dir(stage)
+    remove(old, root)  # left by an interrupted install, whose new output is complete
     if stage.dir.exists():
-        old = hash_file.read_text().strip() if hash_file.exists() else None
-        if old != stage.hash:
-            shutil.rmtree(stage.dir)
-    stage.dir.mkdir(parents=True, exist_ok=True)
-    (stage.dir / MARKER).unlink(missing_ok=True)
-    write_atomic(hash_file, stage.hash)
+        os.replace(stage.dir, old)
+    os.replace(built, stage.dir)
+    remove(old, root)
+
+
+def recover(stage):
+    """Finish an install that a kill interrupted (a build is marked complete just before it is
+    installed); without a complete build, put back an old output that was moved aside."""
+    root, build, old = stage.dir.parent, build_dir(stage), _old_dir(stage)
+    if isinstance(read_json(build / MARKER), dict):
+        install(stage, build)
+    elif not stage.dir.exists() and old.exists():
+        os.replace(old, stage.dir)
+    remove(old, root)
+
+
+def _config_of(folder: Path) -> str | None:
+    try:
+        return (folder / CONFIG_HASH).read_text().strip()
+    except OSError:
+        return None
 
 
 def finished_stages(run_dir) -> list[tuple[str, str, Path]]:
@@ -177,13 +320,16 @@ def finished_stages(run_dir) -> list[tuple[str, str, Path]]:
 def complete_checkpoints(folder: Path) -> list[Path]:
     """`checkpoint-N` folders, oldest first, whose `trainer_state.json` parses. transformers
     (and align's PPO trainer) write it last, so a folder without a readable one was cut off
-    mid-save by a kill and is passed over; the run saves that step again when it gets there."""
+    mid-save by a kill and is passed over; the run saves that step again when it gets there.
+    A checkpoint whose files no longer have the sizes its `.align-files.json` recorded (a
+    truncated copy, a full disk) is passed over too."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
     found = sorted((int(m.group(1)), path) for path in folder.iterdir()
                    if path.is_dir() and (m := re.fullmatch(r"checkpoint-(\d+)", path.name)))
-    return [path for _, path in found if isinstance(read_json(path / "trainer_state.json"), dict)]
+    return [path for _, path in found if isinstance(read_json(path / "trainer_state.json"), dict)
+            and size_problem(path, read_json(path / FILES) or {}) is None]
 
 
 def last_checkpoint(stage_dir) -> str | None:

@@ -1,5 +1,5 @@
 """What every trainer-based stage shares: its TRL config with align's defaults, the model with
-its adapter settings, resume from the last checkpoint, and the final save.
+its adapter settings, resume from the last checkpoint, the divergence guard, and the final save.
 """
 
 from __future__ import annotations
@@ -10,8 +10,10 @@ import os
 from pathlib import Path
 
 import torch
+from transformers import TrainerCallback
 
 from align import data, distributed, models, render, rundir
+from align.divergence import diverged, nonfinite_value, nonfinite_weight
 from align.errors import AlignError, first_line, suggest
 from align.recipe import check_keys, coerce
 
@@ -25,7 +27,8 @@ def trainer_config(stage, ctx, **stage_defaults):
     align's defaults make a run work anywhere: checkpoints inside the stage folder, no external
     loggers, and on machines without CUDA fp32 (TRL defaults to bf16, which refuses CPU) and no
     gradient checkpointing (TRL's default; on a CPU it only recomputes every layer, for memory a
-    CPU has plenty of).
+    CPU has plenty of). A NaN loss is logged as NaN (transformers would log the mean of the
+    finite ones), so it is seen.
     """
     on_gpu = torch.cuda.is_available()
     defaults = {
@@ -37,6 +40,7 @@ def trainer_config(stage, ctx, **stage_defaults):
         "logging_steps": 5,
         "ddp_find_unused_parameters": False,
         "disable_tqdm": not ctx.is_main,
+        "logging_nan_inf_filter": False,
         **distributed.trainer_device_args(),
         **({} if on_gpu else {"gradient_checkpointing": False}),
         **stage_defaults,
@@ -225,28 +229,130 @@ def load_policy(stage, ctx, kind: str = "causal-lm"):
     return model, tokenizer, (peft_config(peft, task_type=task, where=f"stages.{stage.name}.peft") if peft else None)
 
 
+class Guard(TrainerCallback):
+    """What align adds to every TRL trainer:
+
+    - a non-finite logged loss or gradient norm, or a non-finite weight before a checkpoint is
+      written, stops the stage (`Diverged`), so every checkpoint kept is finite;
+    - every checkpoint step is also a logging step, so `log_history` (restored on resume) holds
+      the loss of every step before the checkpoint: a resumed stage's train_loss is exact;
+    - a resumed trainer's token count goes on from the checkpoint's instead of from 0;
+    - a saved checkpoint loses its `training_args.bin` (a pickle of the arguments, which
+      resuming does not read) and gets its file list (`rundir.write_file_list`).
+    """
+
+    def __init__(self, trainer, stage):
+        self.trainer = trainer
+        self.stage = stage
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        counted = [e["num_tokens"] for e in state.log_history if "num_tokens" in e and e.get("step", 0) <= state.global_step]
+        if state.global_step and counted and hasattr(self.trainer, "_total_train_tokens"):
+            self.trainer._total_train_tokens = int(counted[-1])  # TRL counts from 0 in every train() call
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self._before_save(args, state, control, model)
+
+    def on_epoch_end(self, args, state, control, model=None, **kwargs):
+        self._before_save(args, state, control, model)
+
+    def _before_save(self, args, state, control, model):
+        if control.should_save:
+            control.should_log = True
+            bad = _nonfinite_weight(self.trainer, model)
+            if bad:
+                self._stop(args, state, f"weight {bad} is not finite")
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        bad = nonfinite_value({k: (logs or {}).get(k) for k in ("loss", "grad_norm", "train_loss")})
+        if bad:
+            self._stop(args, state, bad)
+
+    def _stop(self, args, state, what: str):
+        from transformers.trainer_callback import ProgressCallback
+
+        for callback in self.trainer.callback_handler.callbacks:  # the error gets a line of its own
+            if isinstance(callback, ProgressCallback) and callback.training_bar is not None:
+                callback.training_bar.close()
+                callback.training_bar = None
+        raise diverged(state.global_step, what, rundir.complete_checkpoints(self.stage.dir / rundir.CHECKPOINTS))
+
+    def on_save(self, args, state, control, **kwargs):
+        if args.should_save:
+            checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            rundir.remove(checkpoint / "training_args.bin", self.stage.dir)
+            rundir.write_file_list(checkpoint)
+
+
+def _nonfinite_weight(trainer, model) -> str | None:
+    """A non-finite trainable weight's name, decided by every process together: under FSDP each
+    holds only its shard, and all must stop or none."""
+    bad = nonfinite_weight((model or trainer.model).named_parameters())
+    accelerator = trainer.accelerator
+    if accelerator.num_processes > 1:
+        flags = accelerator.gather(torch.tensor([bad is not None], dtype=torch.int32, device=accelerator.device))
+        if bool(flags.any()) and not bad:
+            bad = "held by another process"
+    return bad
+
+
 def train_and_save(trainer, stage, ctx) -> dict:
     """Train (resuming from the last checkpoint when there is one), save into the stage folder,
     and return the metrics: first/last training loss, steps, runtime, eval results."""
+    trainer.add_callback(Guard(trainer, stage))
     resume = rundir.last_checkpoint(stage.dir)
     if resume:
         ctx.log(f"[{stage.name}] resuming from {Path(resume).name}")
-    result = trainer.train(resume_from_checkpoint=resume)
-    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    state = rundir.read_json(Path(resume) / "trainer_state.json") if resume else {}
+    if resume and state.get("global_step", 0) >= (state.get("max_steps") or 0) > 0 and not trainer.is_deepspeed_enabled:
+        # Killed between the final checkpoint and the final save: training had finished, and
+        # train() would take one step too many. The final checkpoint is the model.
+        from transformers import TrainerState
+
+        trainer._load_from_checkpoint(resume)
+        trainer.state = TrainerState.load_from_json(str(Path(resume) / "trainer_state.json"))
+        result = None
+    else:
+        result = trainer.train(resume_from_checkpoint=resume)
+    history = trainer.state.log_history
+    losses = [e["loss"] for e in history if "loss" in e]
+    resumed = int(state.get("global_step", 0))
     metrics = {
-        "train_loss": result.training_loss,
+        "train_loss": _train_loss(history, resumed, trainer.state.global_step, result),
         "train_loss_first": losses[0] if losses else None,
         "train_loss_last": losses[-1] if losses else None,
         "global_step": trainer.state.global_step,
-        "resumed_from_step": int(Path(resume).name.split("-")[-1]) if resume else 0,
-        "train_runtime": result.metrics.get("train_runtime"),
+        "resumed_from_step": resumed,
+        "train_runtime": result.metrics.get("train_runtime") if result else None,
     }
+    bad = _nonfinite_weight(trainer, None)
+    if bad:
+        raise diverged(trainer.state.global_step, f"weight {bad} is not finite",
+                       rundir.complete_checkpoints(stage.dir / rundir.CHECKPOINTS))
     if trainer.eval_dataset is not None:
         metrics.update({k: v for k, v in trainer.evaluate().items() if isinstance(v, (int, float))})
     trainer.save_model(str(stage.dir))
     if ctx.is_main:
-        rundir.write_log_history(trainer.state.log_history, stage.dir)
+        for entry in history:  # transformers' own figure covers this train() call's steps only
+            if "train_loss" in entry:
+                entry["train_loss"] = metrics["train_loss"]
+        rundir.write_log_history(history, stage.dir)
         trainer.processing_class.save_pretrained(str(stage.dir))
-        # A pickle of the arguments: not safetensors, and it can carry a hub_token.
-        (stage.dir / "training_args.bin").unlink(missing_ok=True)
+        # A pickle of the arguments: not safetensors, and never needed to load the model.
+        rundir.remove(stage.dir / "training_args.bin", stage.dir)
     return metrics
+
+
+def _train_loss(history: list[dict], resumed: int, global_step: int, result) -> float | None:
+    """Mean loss per step over the whole stage: the steps before the resume point from the
+    restored log history (each logged loss is the mean over the steps since the previous one;
+    `Guard` makes the checkpoint step a logged one), the rest from this train() call."""
+    total, covered = 0.0, 0
+    for entry in history:
+        if "loss" in entry and covered < entry.get("step", 0) <= resumed:
+            total += entry["loss"] * (entry["step"] - covered)
+            covered = entry["step"]
+    if result is not None:
+        steps = global_step - resumed
+        total, covered = total + result.training_loss * steps, covered + steps
+    return total / covered if covered else None

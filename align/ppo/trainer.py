@@ -30,14 +30,14 @@ import math
 import os
 import random
 import re
-import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from align import distributed, render
+from align import distributed, render, rundir
+from align.divergence import diverged, nonfinite_value, nonfinite_weight
 from align.errors import AlignError
 from align.markdown import table
 from align.ppo import core
@@ -341,6 +341,7 @@ class PPOTrainer:
                 record = {"step": self.step, "episodes": self.step * self.global_batch, **stats,
                           **self._mean_over_processes(update), "kl_coef_next": self.kl_ctl.value,
                           "lr": self.scheduler.get_last_lr()[0], "seconds": round(time.time() - t0, 3)}
+                self._check_finite(record)
                 self._write_log(record)
                 self._report(record)
                 if cfg.sample_generations_every and self.step % cfg.sample_generations_every == 0:
@@ -349,7 +350,21 @@ class PPOTrainer:
                     self.save_checkpoint()
         finally:
             self._stop_reporting()
+        self._check_weights()  # before the stage saves the policy
         return self.summary(time.time() - start)
+
+    def _check_finite(self, record: dict):
+        """Stop at the first step whose losses, gradient norms or rewards are not finite (the
+        record is averaged over processes, so every process stops together)."""
+        bad = nonfinite_value({k: record.get(k) for k in ("policy_loss", "value_loss", "grad_norm_policy",
+                                                           "grad_norm_critic", "reward", "kl")})
+        if bad:
+            raise diverged(self.step, bad, self.checkpoints())
+
+    def _check_weights(self):
+        bad = nonfinite_weight(self.unwrapped.named_parameters())
+        if bad:
+            raise diverged(self.step, f"weight {bad} is not finite", self.checkpoints())
 
     def batch_stats(self, batch: Rollout) -> dict[str, float]:
         """Rollout statistics, averaged over every process."""
@@ -459,13 +474,15 @@ class PPOTrainer:
     # ------------------------------------------------------------------ checkpoints
 
     def save_checkpoint(self):
-        """checkpoint-N: trainable weights, optimizer, scheduler, KL controller, RNG states of
-        every process, counters. Written into a temp folder and renamed (atomic); the
-        newest `save_total_limit` are kept."""
+        """checkpoint-N: trainable weights (safetensors), optimizer, scheduler, KL controller, RNG
+        states of every process, counters. Only finite weights are saved. Written into a temp
+        folder and renamed (atomic); the newest `save_total_limit` are kept. The `.pt` files hold
+        tensors and plain values only and are read back with `weights_only=True`."""
+        self._check_weights()
         final = self.checkpoint_dir / f"checkpoint-{self.step}"
         tmp = self.checkpoint_dir / f"checkpoint-{self.step}.tmp"
         if self.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
+            rundir.remove(tmp, self.output_dir)
             tmp.mkdir(parents=True)
         self.accelerator.wait_for_everyone()
         self.engine.save_state(tmp, self.unwrapped, self.is_main)  # trainable weights + optimizer
@@ -476,11 +493,12 @@ class PPOTrainer:
         if self.is_main:
             state = {"step": self.step, "optimizer_steps": self.optimizer_steps, "kl_controller": self.kl_ctl.state_dict(),
                      "world_size": self.world_size, "total_steps": self.total_steps}
+            rundir.write_file_list(tmp)
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
-            shutil.rmtree(final, ignore_errors=True)
+            rundir.remove(final, self.output_dir)
             os.replace(tmp, final)
             for old in self.checkpoints()[:-self.config.save_total_limit]:
-                shutil.rmtree(old, ignore_errors=True)
+                rundir.remove(old, self.output_dir, ignore_errors=True)
             self.log(f"[ppo] saved {final.name}")
         self.accelerator.wait_for_everyone()
 
@@ -493,20 +511,20 @@ class PPOTrainer:
         found = self.checkpoints()
         if not found:
             if self.is_main:
-                (self.output_dir / LOG_HISTORY).unlink(missing_ok=True)
-                (self.output_dir / SAMPLES_FILE).unlink(missing_ok=True)
+                rundir.remove(self.output_dir / LOG_HISTORY, self.output_dir)
+                rundir.remove(self.output_dir / SAMPLES_FILE, self.output_dir)
             self.accelerator.wait_for_everyone()
             return
         path = found[-1]
         state = json.loads((path / "trainer_state.json").read_text())
         self.engine.load_state(path, self.unwrapped)
-        self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=False))
+        self.scheduler.load_state_dict(_load_plain(path / "scheduler.pt"))
         self.kl_ctl.load_state_dict(state["kl_controller"])
         self.step = self.resumed_from_step = int(state["step"])
         self.optimizer_steps = int(state["optimizer_steps"])
         rng = path / f"rng_state_{self.rank}.pth"
         if rng.exists():
-            _set_rng_state(torch.load(rng, map_location="cpu", weights_only=False))
+            _set_rng_state(_load_plain(rng))
         if self.is_main:  # drop log lines and sample tables of steps the checkpoint does not contain
             kept = [r for r in self.read_log() if r["step"] <= self.step]
             (self.output_dir / LOG_HISTORY).write_text("".join(json.dumps(r) + "\n" for r in kept))
@@ -539,16 +557,34 @@ def _hparams(config: PPOConfig) -> dict:
             for k, v in dataclasses.asdict(config).items()}
 
 
+def _load_plain(path: Path):
+    """A `.pt` file of tensors and plain values, unpickled with `weights_only=True`: a planted
+    file that would run code is refused, never executed."""
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+        raise AlignError(f"{path}: refused to load: it is not plain tensor data ({str(e).splitlines()[0]}); "
+                         f"delete that checkpoint folder to resume from an earlier one") from None
+
+
 def _rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every generator's state as tensors and plain values (numpy's key array as a tensor), so
+    it loads with `weights_only=True`."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
+                                                   gauss], "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def _set_rng_state(state: dict):
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    python = state["python"]  # a tuple when saved; weights_only loading keeps tuples
+    random.setstate((python[0], tuple(python[1]), python[2]))
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
