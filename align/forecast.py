@@ -11,8 +11,8 @@ where each happened to stop.
 
 The fit (`fit_sigmoid`) is pure numpy/scipy: R0 is the first point's score; A, B and log C_mid are
 fitted by robust least squares (`soft_l1`) with bounds, in log-compute for conditioning, from
-several starts; intervals come from a bootstrap over the points (resample, refit). Fewer than
-`MIN_POINTS` points are refused. A curve that has not bent yet leaves A unidentified: the
+several starts; intervals come from a bootstrap over the points' residuals (resample, refit).
+Fewer than `MIN_POINTS` points are refused. A curve that has not bent yet leaves A unidentified: the
 bootstrap then spreads A over a wide range and `Fit.pinned` is false.
 
 The curves are the held-out points the PPO, RLOO and GRPO stages log every `eval_steps`
@@ -36,7 +36,7 @@ B_BOUNDS = (0.05, 20.0)
 MID_RANGE = math.log(1e3)  # C_mid may lie this far (in log-compute) beyond the measured range
 # Scores with a known range, by metric name: the judge's gold score is 0-100.
 METRIC_BOUNDS = {"gold_score": (0.0, 100.0)}
-METRICS = ("gold_score", "reward")  # the default metric: the first one a stage logged
+SCORES = ("gold_score", "reward")  # the default metric: the first one a stage logged
 MULTIPLES = (2, 4, 10)  # forecast at these multiples of the run's final compute
 
 
@@ -160,11 +160,14 @@ def fit_sigmoid(compute, scores, *, bounds: tuple[float, float] | None = None, n
     fitted = solve(x, y, _grid_starts(x, y, r0, lower, upper, keep=4))
     rng = np.random.default_rng(seed)
     samples = []
+    # Residual bootstrap: the points stay where the schedule put them (a fixed design); each refit
+    # sees the fitted curve plus the residuals drawn again. Resampling whole points instead would
+    # drop plateau points and let slow-rising curves through, widening A for a curve that has bent.
+    curve_y = y + residuals(fitted, x, y)
+    res = y - curve_y
     for _ in range(n_boot):
-        idx = rng.integers(0, len(x), len(x))
-        if len(np.unique(idx)) < 3:  # too few distinct points to say anything
-            continue
-        samples.append(solve(x[idx], y[idx], [fitted, *_grid_starts(x[idx], y[idx], r0, lower, upper, keep=1)]))
+        yb = curve_y + rng.choice(res - res.mean(), len(res), replace=True)
+        samples.append(solve(x, yb, [fitted, *_grid_starts(x, yb, r0, lower, upper, keep=1)]))
     a, b, m = fitted
     samples = np.array(samples).reshape(-1, 3)
     samples[:, 2] = np.exp(samples[:, 2] + shift)
@@ -220,7 +223,7 @@ def _finite(value) -> bool:
 
 def default_metric(history: list[dict]) -> str | None:
     """The judge's gold score when the stage logged one, else the reward-model score."""
-    return next((m for m in METRICS if any(_finite(r.get(f"eval_{m}")) for r in history)), None)
+    return next((m for m in SCORES if any(_finite(r.get(f"eval_{m}")) for r in history)), None)
 
 
 @dataclasses.dataclass
@@ -259,6 +262,9 @@ class StageForecast:
                 lo, hi = fit.interval("A")
                 out.append(f"{self.stage} ({label}): A is not pinned down ({lo:.3g} to {hi:.3g}): the curve has not "
                            f"bent yet; train longer before trusting the asymptote")
+        if self.fit.c_mid < self.fit.compute.min():
+            out.append(f"{self.stage}: most of the rise came before the first evaluated point, so B and C_mid are "
+                       f"barely constrained (A is what the plateau says); evaluate more often early for them")
         peak = int(np.argmax(self.scores)) if self.fit.a >= self.fit.r0 else int(np.argmin(self.scores))
         drop = abs(float(self.scores[peak] - self.scores[-1]))
         if peak < len(self.scores) - 1 and drop > 3 * _noise_scale(self.scores, float(np.ptp(self.scores)) or 1.0):

@@ -31,7 +31,7 @@ import torch
 
 from align import evaluate, infer
 from align.errors import AlignError
-from align.functions import load_function
+from align.functions import check_spec, load_function
 
 KEYS = ("gold_score", "reward", "kl_to_ref", "response_length")  # logged as eval_<key>
 
@@ -133,6 +133,16 @@ def has_held_out(stage) -> bool:
     spec = stage.options.get("dataset")
     first = spec[0] if isinstance(spec, list) and spec else spec
     return bool(stage.options.get("eval_dataset")) or (isinstance(first, dict) and bool(first.get("test_size")))
+
+
+def check_judge(stage):
+    """At recipe load: a `judge` scores held-out completions, so the stage needs held-out prompts."""
+    if stage.options.get("judge") is None:
+        return
+    check_spec(stage.options["judge"], f"stages.{stage.name}.judge")
+    if not has_held_out(stage):
+        raise AlignError(f"stages.{stage.name}.judge: scores held-out prompts, and the stage has none; add "
+                         f"`eval_dataset: {{path: ...}}` (or `test_size` in its dataset)")
 
 
 def for_stage(stage, ctx, evals, *, max_new_tokens: int, batch_size: int) -> HeldOut | None:

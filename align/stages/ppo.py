@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from align import heldout, models
 from align.errors import AlignError, first_line
-from align.functions import check_spec, check_specs, load_function
+from align.functions import check_specs, load_function
 from align.ppo.config import PPOConfig as Config  # noqa: F401  (the stage's config class)
 from align.stages import Traits
 from align.training import check_training_fields, load_datasets, peft_config
@@ -47,7 +47,7 @@ def validate(stage, model):
         raise AlignError(f"{where}.peft.method: PPO shares one base model between its roles through LoRA "
                          f"adapters; use method: lora (got {peft['method']})")
     specs = check_specs(stage.options.get("reward_funcs"), f"{where}.reward_funcs")
-    check_judge(stage)
+    heldout.check_judge(stage)
     if stage.options.get("value_model") and stage.args.get("value_head_on_policy"):
         raise AlignError(f"{where}.value_model: with value_head_on_policy: true the critic is a head on the policy; "
                          f"remove value_model or set value_head_on_policy: false")
@@ -95,16 +95,6 @@ def build_trainer(stage, ctx):
     return PPOTrainer(config, roles, tokenizer, train, output_dir=stage.dir, reward_funcs=funcs,
                       accelerator=accelerator, log=ctx.log, seed=ctx.seed,
                       callbacks=[heldout.PPOHeldOut(held, config)] if held else [])
-
-
-def check_judge(stage):
-    """A `judge` scores held-out completions, so the stage needs held-out prompts."""
-    if stage.options.get("judge") is None:
-        return
-    check_spec(stage.options["judge"], f"stages.{stage.name}.judge")
-    if not heldout.has_held_out(stage):
-        raise AlignError(f"stages.{stage.name}.judge: scores held-out prompts, and the stage has none; add "
-                         f"`eval_dataset: {{path: ...}}` (or `test_size` in its dataset)")
 
 
 def run(stage, ctx):

@@ -22,7 +22,6 @@ from align import heldout, models
 from align.errors import AlignError
 from align.functions import check_specs, load_function
 from align.stages import Traits
-from align.stages.ppo import check_judge
 from align.training import TRAINING_OPTIONS, build_trainer, check_training_fields, train_and_save
 
 OPTIONS = TRAINING_OPTIONS | {"reward_model", "reward_funcs", "judge"}
@@ -35,7 +34,7 @@ def validate(stage, model):
         raise AlignError(f"stages.{stage.name}: needs `reward_model:` (e.g. ${{reward}}) and/or "
                          f"`reward_funcs: [module:function]`")
     check_specs(stage.options.get("reward_funcs"), f"stages.{stage.name}.reward_funcs")
-    check_judge(stage)
+    heldout.check_judge(stage)
 
 
 def reward_functions(stage, ctx):
