@@ -51,11 +51,13 @@ class ForecastError(AlignError):
 def sigmoid(compute, r0: float, a: float, b: float, c_mid: float):
     """R(C) = R0 + (A - R0) / (1 + (C_mid / C)^B); R(0) = R0. Accepts scalars or arrays."""
     c = np.asarray(compute, dtype=float)
-    with np.errstate(divide="ignore", over="ignore"):
-        z = b * (np.log(c_mid) - np.log(np.where(c > 0, c, 1.0)))
-        gain = np.where(c > 0, 1.0 / (1.0 + np.exp(np.clip(z, -700, 700))), 0.0)
+    gain = np.where(c > 0, _expit(b * (np.log(np.where(c > 0, c, 1.0)) - math.log(c_mid))), 0.0)
     out = r0 + (a - r0) * gain
     return float(out) if out.ndim == 0 else out
+
+
+def _expit(z):
+    return 1.0 / (1.0 + np.exp(-np.clip(z, -700, 700)))
 
 
 def compute_for_gain(fraction: float, b: float, c_mid: float) -> float:
@@ -182,10 +184,6 @@ def _noise_scale(y: np.ndarray, span: float) -> float:
     d = np.diff(y)
     mad = float(np.median(np.abs(d - np.median(d)))) * 1.4826 / math.sqrt(2)
     return max(mad, 0.01 * span)
-
-
-def _expit(z):
-    return 1.0 / (1.0 + np.exp(-np.clip(z, -700, 700)))
 
 
 def _grid_starts(x, y, r0, lower, upper, keep: int) -> list[np.ndarray]:
