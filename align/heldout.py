@@ -58,7 +58,7 @@ class HeldOut:
     batch_size: int
     seed: int
     reference_path: str | None = None  # loaded only when the trainer holds no reference
-    _reference: object = None
+    _reference: object = dataclasses.field(default=None, init=False, repr=False)
 
     def evaluate(self, policy, tokenizer, *, reference=None, reward=None) -> dict:
         """{eval_<metric>: value} for the policy as it is now; `reward` is (model, tokenizer)."""
@@ -319,11 +319,14 @@ def _evaluate_online(trainer) -> dict:
         clock = trainer._clock
         if clock["before"] is None:  # resumed: the earlier sessions' time, up to their last point
             clock["before"] = points[-1]["train_seconds"] if points and state.global_step else 0.0
-        seconds = clock["before"] + time.time() - clock["started"] - clock["evaluating"]
+        seconds = clock["before"] + time.time() - clock["started"] - clock["evaluating"] if state.global_step else 0.0
         point.update(flops=per_token * state.num_input_tokens_seen, train_seconds=round(seconds, 3))
         # transformers' own log(): TRL's would fold its pending training metrics into this record.
         Trainer.log(trainer, dict(point))
     trainer.accelerator.wait_for_everyone()
-    trainer._clock["evaluating"] += time.time() - started
+    if state.global_step == 0:  # the start point: training (and its clock) begins now
+        trainer._clock.update(started=time.time(), evaluating=0.0)
+    else:
+        trainer._clock["evaluating"] += time.time() - started
     trainer.control = trainer.callback_handler.on_evaluate(trainer.args, state, trainer.control, point)
     return point

@@ -87,7 +87,7 @@ def test_ppo_and_rloo_log_held_out_points_with_compute(tmp_path, tiny_model, dat
     points = _points(log)
     assert [p["step"] for p in points] == [0, 2, 4]
     assert all(EVAL_KEYS <= set(p) for p in points), points[0]
-    assert points[0]["flops"] == 0
+    assert points[0]["flops"] == 0 and points[0]["train_seconds"] == 0 < points[1]["train_seconds"]
     per_token = 2.0 * (n + n_score + n) + 4.0 * n  # generation, reward, reference; LoRA training
     tokens = {r["step"]: r["num_tokens"] for r in log if "num_tokens" in r}
     for p in points[1:]:
