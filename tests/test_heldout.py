@@ -129,3 +129,18 @@ def test_judge_without_held_out_prompts_is_refused_at_load(tmp_path, data_dir):
     assert result.returncode == 2 and result.stderr.strip() == (
         "error: stages.rloo.judge: scores held-out prompts, and the stage has none; add `eval_dataset: {path: ...}` "
         "(or `test_size` in its dataset)")
+
+
+def test_grpo_without_a_reference_in_memory_loads_its_starting_model(tmp_path, tiny_model, data_dir):
+    """GRPO with beta 0 and full fine-tuning keeps no reference model; the held-out KL then reads
+    the stage's starting model: zero before the first step, not after training."""
+    block = {"dataset": {"path": str(data_dir / "prompts.jsonl")}, "reward_funcs": "tests.rewards:letter_a",
+             "eval_dataset": {"path": str(data_dir / "prompts.jsonl"), "split": "train[:4]"}, "beta": 0.0,
+             "max_steps": 2, "eval_steps": 2, "per_device_train_batch_size": 8, "num_generations": 4,
+             "max_completion_length": 8, "learning_rate": 1e-2, "logging_steps": 1, "save_strategy": "no"}
+    recipe = write_recipe(tmp_path / "r.yaml", tmp_path / "run", {"grpo": block}, model=str(tiny_model))
+    run_align(["run", recipe], check=True)
+    points = [r for r in _log(tmp_path / "run" / "grpo") if "eval_kl_to_ref" in r]
+    assert [p["step"] for p in points] == [0, 2]
+    assert "eval_gold_score" not in points[0] and "eval_reward" not in points[0]  # no judge, no reward model
+    assert points[0]["eval_kl_to_ref"] == 0 and points[1]["eval_kl_to_ref"] != 0, points
