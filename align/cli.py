@@ -112,6 +112,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="run folder (output_dir of a recipe)")
     p.set_defaults(func=_lazy("align.report", "report_command"))
 
+    p = sub.add_parser("forecast", help="fit RL stages' held-out curves and forecast where they saturate")
+    p.add_argument("run_dir", help="run folder (output_dir of a recipe)")
+    p.add_argument("--stage", action="append", default=[], metavar="NAME", help="RL stage to fit (repeatable; "
+                   "default: every RL stage)")
+    p.add_argument("--fit-fraction", type=float, default=0.25,
+                   help="forecast from the points up to this share of each stage's final compute (default 0.25)")
+    p.add_argument("--metric", choices=["gold_score", "reward"], default=None,
+                   help="held-out metric to fit (default: the judge's gold score when logged, else reward)")
+    p.set_defaults(func=_lazy("align.forecast", "forecast_command"))
+
     p = sub.add_parser("plan", help="parameters, memory, FLOPs and time per stage, before spending compute")
     p.add_argument("recipe", help="recipe YAML file")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe field")

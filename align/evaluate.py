@@ -89,18 +89,10 @@ def evaluate(*, policies: dict, prompts=None, reward_model=None, reference=None,
         if texts:
             metrics["perplexity"] = perplexity(model, tokenizer, texts)
         if prompts:
-            outputs, finished = _answers(model, tokenizer, prompts, max_new_tokens, batch_size)
-            metrics["response_length"] = sum(len(o.split()) for o in outputs) / len(outputs)
-            if judge:
-                metrics["gold_score"] = 100 * sum(judge(p, o) for p, o in zip(prompts, outputs)) / len(outputs)
-            if rm:
-                scores = reward_scores(*rm, prompts, outputs, finished)
-                metrics["reward"] = sum(scores) / len(scores)
-                if ref_scores:
-                    wins = [1.0 if s > r else 0.5 if s == r else 0.0 for s, r in zip(scores, ref_scores)]
-                    metrics["win_rate_vs_ref"] = sum(wins) / len(wins)
-            if ref:
-                metrics["kl_to_ref"] = _kl_to_reference(model, tokenizer, ref[0], prompts, max_new_tokens, seed)
+            prompt_metrics, outputs = policy_metrics(
+                model, tokenizer, prompts, rm=rm, ref_model=ref[0] if ref else None, ref_scores=ref_scores,
+                judge=judge, max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed)
+            metrics.update(prompt_metrics)
             for i, (p, o) in enumerate(zip(prompts[:num_samples], outputs)):
                 if len(results["samples"]) <= i:
                     results["samples"].append({"prompt": _show(p)})
@@ -115,6 +107,27 @@ def _answers(model, tokenizer, prompts, max_new_tokens, batch_size) -> tuple[lis
                                 return_ids=True)
     stops = infer.stop_token_ids(model, tokenizer)
     return texts, [bool(row) and row[-1] in stops for _, row in ids]
+
+
+@torch.no_grad()
+def policy_metrics(model, tokenizer, prompts, *, rm=None, ref_model=None, ref_scores=None, judge=None,
+                   max_new_tokens=48, batch_size=32, seed=0) -> tuple[dict, list[str]]:
+    """A policy's metrics on prompts, and its greedy completions: response length (words), gold
+    score (judge x 100), mean reward-model score (`rm` = (model, tokenizer)), win rate against
+    `ref_scores`, KL to `ref_model`. Also what RL stages log on held-out prompts (align/heldout.py)."""
+    outputs, finished = _answers(model, tokenizer, prompts, max_new_tokens, batch_size)
+    metrics = {"response_length": sum(len(o.split()) for o in outputs) / len(outputs)}
+    if judge:
+        metrics["gold_score"] = 100 * sum(judge(p, o) for p, o in zip(prompts, outputs)) / len(outputs)
+    if rm:
+        scores = reward_scores(*rm, prompts, outputs, finished)
+        metrics["reward"] = sum(scores) / len(scores)
+        if ref_scores:
+            wins = [1.0 if s > r else 0.5 if s == r else 0.0 for s, r in zip(scores, ref_scores)]
+            metrics["win_rate_vs_ref"] = sum(wins) / len(wins)
+    if ref_model is not None:
+        metrics["kl_to_ref"] = _kl_to_reference(model, tokenizer, ref_model, prompts, max_new_tokens, seed)
+    return metrics, outputs
 
 
 def _kl_to_reference(model, tokenizer, ref_model, prompts, max_new_tokens, seed) -> float:

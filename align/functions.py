@@ -40,7 +40,8 @@ def check_specs(value, where: str) -> list[str]:
 def specs_of(stage) -> list[tuple[str, str]]:
     """(where, spec) of every function a stage names (`reward_funcs`, `judge`)."""
     found = []
-    for key, value in (("reward_funcs", stage.options.get("reward_funcs")), ("judge", stage.args.get("judge"))):
+    judge = stage.options.get("judge", stage.args.get("judge"))  # an option of RL stages, a field of eval
+    for key, value in (("reward_funcs", stage.options.get("reward_funcs")), ("judge", judge)):
         where = f"stages.{stage.name}.{key}"
         found += [(where, spec) for spec in check_specs(value, where)]
     return found

@@ -11,8 +11,9 @@ time, for a finished or a partial run:
     <stage>/eval.json, eval.md       the eval stage's results
 
 Plots (only those with data): training loss per trainer stage (`loss.png`), reward-model /
-preference accuracy (`accuracy.png`), PPO-style curves per RL stage (`<stage>_rl.png`) and
-the gold score per policy (`<stage>_gold_score.png`). Plots are drawn with matplotlib's Agg
+preference accuracy (`accuracy.png`), PPO-style curves per RL stage (`<stage>_rl.png`), each RL
+stage's held-out curve against training compute with its sigmoid forecast (`<stage>_forecast.png`,
+align/forecast.py) and the gold score per policy (`<stage>_gold_score.png`). Plots are drawn with matplotlib's Agg
 canvas directly (no pyplot, no global backend switch) and every file is written atomically.
 """
 
@@ -23,6 +24,7 @@ import math
 import time
 from pathlib import Path
 
+from align import forecast
 from align.markdown import table
 from align.rundir import MARKER, METRICS, read_json, read_log_history, read_recipe, remove, write_atomic
 from align.stages import TYPES, Traits, traits
@@ -257,6 +259,48 @@ def plot_gold(results: dict, title: str, path: Path) -> bool:
     return True
 
 
+def plot_forecast(fc: forecast.StageForecast, path: Path) -> bool:
+    """Held-out points against training compute (log scale): the sigmoid fitted on the first
+    `fit_fraction` of the compute with its bootstrap band, carried on to 10x the final compute,
+    the fit on every point (dashed), the cut-off and the starting score R0."""
+    import numpy as np
+
+    c, y = fc.compute, fc.scores
+    positive = c > 0
+    seen = positive & (c <= fc.cutoff)
+    fig, axes = _figure()
+    ax = axes[0][0]
+    grid = np.geomspace(c[positive].min() / 2, 10 * c[-1], 200)
+    if fc.early is not None:
+        lo, hi = fc.early.band(grid)
+        ax.fill_between(grid, lo, hi, color="C1", alpha=0.2, label=f"forecast {forecast.LEVEL:.0%} band")
+        ax.plot(grid, fc.early.predict(grid), color="C1", label=f"fit on first {fc.fit_fraction:.0%} of compute")
+    ax.plot(grid, fc.fit.predict(grid), color="C2", linestyle="--", label="fit on every point")
+    ax.plot(c[seen], y[seen], "o", color="C0", label="held-out points (fitted)")
+    ax.plot(c[positive & ~seen], y[positive & ~seen], "o", color="C0", mfc="none", label="later points")
+    ax.axvline(fc.cutoff, color="grey", linestyle=":", label="fit cut-off")
+    ax.axhline(fc.fit.r0, color="grey", linewidth=0.8, label="R0 (before RL)")
+    ax.set(title=f"{fc.stage}: held-out {fc.metric} against training compute", xscale="log",
+           xlabel="training FLOPs (as align plan counts them)", ylabel=fc.metric)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    _save(fig, path)
+    return True
+
+
+def forecasts(stages: list[dict]) -> tuple[list, list[str]]:
+    """Forecasts of the RL stages that logged held-out points, and why others could not be fitted."""
+    found, problems = [], []
+    for s in stages:
+        if not s["online"] or forecast.default_metric(s["history"]) is None:
+            continue
+        try:
+            found.append(forecast.forecast_stage(s["name"], s["history"]))
+        except forecast.ForecastError as e:
+            problems.append(str(e))
+    return found, problems
+
+
 # ---------------------------------------------------------------------------------------------
 # Markdown
 
@@ -331,6 +375,13 @@ def write_report(run_dir) -> Path:
                 figures += [f"## {s['name']}: RL curves", "", f"![{s['name']} curves]({rl})", ""]
                 if summary:
                     figures += [f"Last step: {summary}.", ""]
+    fitted, problems = forecasts(stages)
+    if fitted or problems:
+        figures += ["## Held-out curves and forecast", ""]
+        for fc in fitted:
+            image = plot(f"{fc.stage}_forecast.png", plot_forecast, fc)
+            figures += [f"![{fc.stage} forecast]({image})", ""]
+        figures += [forecast.markdown(fitted, problems).rstrip(), ""]
     for s in stages:
         results = read_json(s["dir"] / "eval.json")
         eval_md = s["dir"] / "eval.md"

@@ -219,7 +219,7 @@ def summary_line(stage, metrics: dict) -> str:
     parts = [f"+ {stage.name:<10} {_duration(metrics['stage_seconds'])}"]
     if metrics.get("train_loss_first") is not None:
         parts.append(f"loss {metrics['train_loss_first']:.3f} -> {metrics['train_loss_last']:.3f}")
-    for key in ("eval_perplexity", "eval_accuracy", "gold_score", "reward_mean", "parameters"):
+    for key in ("eval_perplexity", "eval_accuracy", "gold_score", "reward_mean", "eval_gold_score", "parameters"):
         if isinstance(metrics.get(key), (int, float)):
             value = metrics[key]
             parts.append(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value:,}")

@@ -22,3 +22,8 @@ def letter_a(prompts, completions, **kwargs):
 def short(prompts, completions, completion_ids=None, **kwargs):
     """1 / (number of response tokens): rewards stopping early."""
     return [1.0 / max(1, len(ids)) for ids in completion_ids]
+
+
+def judge_a(prompt, response) -> float:
+    """A gold judge in align's shape, (prompt, response) -> [0, 1]: the share of 'a' in the response."""
+    return letter_a([prompt], [response])[0]

@@ -128,6 +128,19 @@ class PPOConfig:
     both, roughly halving the update's compute, and no critic weights or optimizer state
     are held. The value loss (x vf_coef) then also trains the policy's weights."""
 
+    # ------------------------------------------------------------------ held-out evaluation
+    eval_strategy: str = "steps"
+    """"steps": score the policy on the held-out prompts (the stage's `eval_dataset`, or its
+    dataset's `test_size` split) every eval_steps and at the last step; "no": never
+    [TrainingArguments]. Without held-out prompts nothing is evaluated (align/heldout.py)."""
+    eval_steps: float | None = None
+    """Steps between held-out evaluations; below 1, a share of the run; None: logging_steps
+    [TrainingArguments]."""
+    eval_on_start: bool = True
+    """Also evaluate before the first step: the curve's starting point [TrainingArguments; align: on]."""
+    per_device_eval_batch_size: int = 8
+    """Held-out prompts per generation batch [TrainingArguments: 8]."""
+
     # ------------------------------------------------------------------ engineering
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (less memory, about 30% slower)."""
@@ -174,7 +187,7 @@ class PPOConfig:
         """Raise ValueError naming the first bad field."""
         positive_ints = ("per_device_train_batch_size", "num_mini_batches", "gradient_accumulation_steps",
                          "num_ppo_epochs", "response_length", "save_total_limit", "logging_steps",
-                         "num_sample_generations")
+                         "num_sample_generations", "per_device_eval_batch_size")
         for name in positive_ints:
             if not getattr(self, name) >= 1:
                 raise ValueError(f"{name}: must be at least 1, got {getattr(self, name)}")
@@ -203,6 +216,10 @@ class PPOConfig:
         for name in ("gamma", "lam"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name}: must be in [0, 1], got {getattr(self, name)}")
+        if self.eval_strategy not in ("no", "steps"):
+            raise ValueError(f"eval_strategy: expected 'steps' or 'no', got {self.eval_strategy!r}")
+        if self.eval_steps is not None and not (self.eval_steps > 0 and math.isfinite(self.eval_steps)):
+            raise ValueError(f"eval_steps: must be a positive number (or unset), got {self.eval_steps}")
         if self.kl_estimator not in ("k1", "k3"):
             raise ValueError(f"kl_estimator: expected 'k1' or 'k3', got {self.kl_estimator!r}")
         per_step = self.num_mini_batches * self.gradient_accumulation_steps

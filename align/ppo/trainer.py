@@ -93,10 +93,13 @@ class PPOTrainer:
         output_dir: where logs, samples and checkpoints go.
         accelerator: an ``accelerate.Accelerator`` (one is made when omitted).
         log: called with progress lines on the main process.
+        callbacks: objects with ``on_train_begin(trainer) -> record | None`` and
+            ``on_step_end(trainer, batch, record)``, which may add keys to the step's record
+            (``align.heldout.PPOHeldOut``: compute so far, held-out metrics).
     """
 
     def __init__(self, config: PPOConfig, roles: Roles, tokenizer, train_dataset, *, output_dir,
-                 reward_funcs: dict | None = None, accelerator=None, log=print, seed: int = 42):
+                 reward_funcs: dict | None = None, accelerator=None, log=print, seed: int = 42, callbacks=()):
         from transformers import get_scheduler, set_seed
 
         self.config = config
@@ -163,6 +166,7 @@ class PPOTrainer:
         self.minibatch_stats: list[dict] = []  # per-minibatch stats of the latest update
         self._perms: dict[int, torch.Tensor] = {}
         self.checkpoint_dir = self.output_dir / CHECKPOINTS
+        self.callbacks = list(callbacks)
 
     # ------------------------------------------------------------------ small utilities
 
@@ -330,6 +334,10 @@ class PPOTrainer:
                  f"minibatches per step" + (f"; resuming at step {self.step}" if self.step else ""))
         self._start_reporting()
         try:
+            for callback in self.callbacks:  # a record before the first step (the held-out start point)
+                if (first := callback.on_train_begin(self)) is not None:
+                    self._write_log(first)
+                    self.accelerator.log(_tracker_names(first), step=first["step"])
             while self.step < self.total_steps:
                 t0 = time.time()
                 batch = self.rollout(self.prompts_for_step(self.step))
@@ -342,6 +350,8 @@ class PPOTrainer:
                           **self._mean_over_processes(update), "kl_coef_next": self.kl_ctl.value,
                           "lr": self.scheduler.get_last_lr()[0], "seconds": round(time.time() - t0, 3)}
                 self._check_finite(record)
+                for callback in self.callbacks:
+                    callback.on_step_end(self, batch, record)
                 self._write_log(record)
                 self._report(record)
                 if cfg.sample_generations_every and self.step % cfg.sample_generations_every == 0:
@@ -386,7 +396,7 @@ class PPOTrainer:
         return stats
 
     def summary(self, runtime: float) -> dict:
-        history = self.read_log()
+        history = [r for r in self.read_log() if "reward" in r]  # step records (not the held-out start point)
         if not history:
             return {"global_step": self.step, "resumed_from_step": self.resumed_from_step}
         window = history[-min(len(history), max(1, min(10, len(history) // 4))):]
@@ -426,7 +436,7 @@ class PPOTrainer:
     def _report(self, record: dict):
         """A step's record to the trackers, under the names transformers gives the other stages'
         metrics (`train/<key>`); the progress bar; a printed line every logging_steps steps."""
-        self.accelerator.log({f"train/{k}": v for k, v in record.items() if k != "step"}, step=self.step)
+        self.accelerator.log(_tracker_names(record), step=self.step)
         if self.bar is not None:
             self.bar.set_postfix({"reward": f"{record['reward']:.4f}", "kl": f"{record['kl']:.4f}"}, refresh=False)
             self.bar.update()
@@ -549,6 +559,12 @@ class PPOTrainer:
             (tokenizer or self.tokenizer).save_pretrained(str(directory))
             (tokenizer or self.tokenizer).save_pretrained(str(directory / "critic"))
         self.accelerator.wait_for_everyone()
+
+
+def _tracker_names(record: dict) -> dict:
+    """A record under the names transformers gives trackers: eval_<key> as eval/<key>, the rest
+    as train/<key>."""
+    return {f"eval/{k[5:]}" if k.startswith("eval_") else f"train/{k}": v for k, v in record.items() if k != "step"}
 
 
 def _hparams(config: PPOConfig) -> dict:

@@ -8,25 +8,30 @@
       reward_weights: [1.0, 0.5]             # reward_model first, then reward_funcs in order
       value_model: ${reward}                 # what the critic starts from (default: reward_model)
       value_head_on_policy: false            # true: the critic is a head on the policy (one pass)
+      eval_dataset: {path: data/eval.jsonl}  # held-out prompts, scored every eval_steps (align/heldout.py)
+      judge: align.task:gold_score           # optional gold judge of the held-out completions
+      eval_steps: 10
       peft: {r: 16, lora_alpha: 32}          # LoRA: one base model serves every role
       learning_rate: 1.0e-5                  # any PPOConfig field (align/ppo/config.py)
 
 Outputs in the stage folder: the policy (a LoRA adapter or a full model) and its tokenizer,
 loadable like an SFT output; the critic in `critic/` (loadable as a reward model);
-`log_history.jsonl` (one JSON line per step), `samples.md` (sample generations) and
-`checkpoints/checkpoint-N` (resumed from automatically).
+`log_history.jsonl` (one JSON line per step, with the held-out metrics and the compute so far at
+evaluation steps), `samples.md` (sample generations) and `checkpoints/checkpoint-N` (resumed from
+automatically).
 """
 
 from __future__ import annotations
 
-from align import data, distributed, models, render
+from align import data, distributed, heldout, models, render
 from align.errors import AlignError, first_line
 from align.functions import check_specs, load_reward_function
 from align.ppo.config import PPOConfig as Config  # noqa: F401  (the stage's config class)
 from align.stages import Traits
-from align.training import check_training_fields, peft_config
+from align.training import check_training_fields, load_datasets, peft_config
 
-OPTIONS = {"model", "dataset", "peft", "quantization", "reward_model", "reward_funcs", "value_model"}
+OPTIONS = {"model", "dataset", "eval_dataset", "judge", "peft", "quantization", "reward_model", "reward_funcs",
+           "value_model"}
 TRAITS = Traits(produces="policy", data="prompt", chat=True, online=True)
 
 
@@ -42,6 +47,7 @@ def validate(stage, model):
         raise AlignError(f"{where}.peft.method: PPO shares one base model between its roles through LoRA "
                          f"adapters; use method: lora (got {peft['method']})")
     specs = check_specs(stage.options.get("reward_funcs"), f"{where}.reward_funcs")
+    heldout.check_judge(stage)
     if stage.options.get("value_model") and stage.args.get("value_head_on_policy"):
         raise AlignError(f"{where}.value_model: with value_head_on_policy: true the critic is a head on the policy; "
                          f"remove value_model or set value_head_on_policy: false")
@@ -66,7 +72,7 @@ def build_trainer(stage, ctx):
 
     where = f"stages.{stage.name}"
     config = stage.config()
-    train, _ = data.load(stage.options["dataset"], TRAITS.data, f"{where}.dataset", ctx.seed)
+    train, evals = load_datasets(stage, ctx)
     policy_path = ctx.recipe.start_model(stage)
     trust = bool(ctx.model.get("trust_remote_code", False))
     tokenizer = models.load_tokenizer(policy_path, trust_remote_code=trust)
@@ -86,12 +92,16 @@ def build_trainer(stage, ctx):
                                 value_head_on_policy=config.value_head_on_policy))
     for line in roles.description:
         ctx.log(f"[{stage.name}] {line}")
+    held = heldout.for_stage(stage, ctx, evals, max_new_tokens=config.response_length,
+                             batch_size=config.per_device_eval_batch_size) if config.eval_strategy != "no" else None
     return PPOTrainer(config, roles, tokenizer, train, output_dir=stage.dir, reward_funcs=funcs,
-                      accelerator=accelerator, log=ctx.log, seed=ctx.seed)
+                      accelerator=accelerator, log=ctx.log, seed=ctx.seed,
+                      callbacks=[heldout.PPOHeldOut(held, config)] if held else [])
 
 
 def run(stage, ctx):
     trainer = build_trainer(stage, ctx)
     metrics = trainer.train()
+    metrics.update(heldout.last_point(trainer.read_log()))
     trainer.save(stage.dir)
     return metrics
