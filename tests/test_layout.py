@@ -78,3 +78,10 @@ def test_run_folder_names_are_defined_once():
                     if isinstance(target, ast.Name) and target.id in names:
                         where.setdefault(target.id, []).append(str(path.relative_to(PACKAGE)))
     assert all(files == ["rundir.py"] for files in where.values()), where
+
+
+def test_no_module_outgrows_one_concept():
+    """The structural rule of issue 10: a module over 700 lines is two concepts sharing a file."""
+    sizes = {str(p.relative_to(PACKAGE)): len(p.read_text().splitlines()) for p in PACKAGE.rglob("*.py")}
+    assert sizes, "no modules found"
+    assert {p: n for p, n in sizes.items() if n > 700} == {}
