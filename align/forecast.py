@@ -370,8 +370,8 @@ def markdown(forecasts: list[StageForecast], problems: list[str] = ()) -> str:
                      _with_interval(f.early.predict(f.compute[-1]), (band[0][0], band[1][0])), _num(f.scores[-1]),
                      f"{errors[-1]:+.3g}" if len(errors) else "",
                      f"{np.abs(errors).max():.3g} over {len(c)} later points" if len(errors) else "no later points"])
-    lines += ["", f"Forecast from the first part of each run (points up to that share of its final compute), "
-                  f"against what the run then measured:", "",
+    lines += ["", "Forecast from the first part of each run (points up to that share of its final compute), "
+                  "against what the run then measured:", "",
               *table(["stage", "fit on first", "points", "A", "predicted final", "measured final",
                       "error at final", "largest error"], rows)]
     notes = [n for f in forecasts for n in f.notes()] + list(problems)

@@ -13,7 +13,6 @@ peak at PLAN_MFU, else, on a CPU, measured here: small models by timing their pa
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from typing import Any
 

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from align import rundir
+from align import distributed, rundir
 from align.divergence import Diverged
 from align.errors import AlignError, disk_full
 from align.functions import load_function, specs_of
@@ -117,9 +117,6 @@ def _check_models(recipe: Recipe, stage):
 
 
 def run(recipe: Recipe, only: str | None = None, dry_run: bool = False):
-
-    from align import distributed
-
     state = distributed.process_state()  # a real process group on CPU too
     ctx = Context(recipe, state)
     selected = [recipe.stage(only)] if only else recipe.stages

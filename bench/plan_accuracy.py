@@ -66,6 +66,8 @@ def bench_recipe(out: Path) -> dict:
         block["save_steps"] = 10_000
         block["logging_steps"] = 1
         block.pop("warmup_steps", None)
+        for key in ("eval_dataset", "judge", "eval_steps", "per_device_eval_batch_size"):
+            block.pop(key, None)  # held-out points are not training steps
     return recipe
 
 

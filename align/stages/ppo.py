@@ -23,7 +23,7 @@ automatically).
 
 from __future__ import annotations
 
-from align import data, distributed, heldout, models, render
+from align import distributed, heldout, models, render
 from align.errors import AlignError, first_line
 from align.functions import check_specs, load_reward_function
 from align.ppo.config import PPOConfig as Config  # noqa: F401  (the stage's config class)
