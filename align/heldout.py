@@ -37,11 +37,11 @@ KEYS = ("gold_score", "reward", "kl_to_ref", "response_length")  # logged as eva
 
 
 def planner():
-    """The planner's compute counts (one import to change while align/plan.py becomes a package)."""
-    from align import plan
+    """The compute counts `align plan` uses (align.estimate)."""
+    from align import estimate
 
-    return SimpleNamespace(params=lambda config: plan.count_parameters(config)["total"],
-                           score_params=plan._score_params, flops=plan.flops, ppo_flops=plan.ppo_flops)
+    return SimpleNamespace(params=lambda config: estimate.count_parameters(config)["total"],
+                           score_params=estimate.score_parameters, flops=estimate.flops, ppo_flops=estimate.ppo_flops)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,7 +147,7 @@ def check_judge(stage):
 
 def for_stage(stage, ctx, evals, *, max_new_tokens: int, batch_size: int) -> HeldOut | None:
     """The stage's held-out set (None without held-out prompts)."""
-    from align.training import sharding
+    from align.distributed import sharding
 
     if evals is None or not len(evals):
         return None

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from align import plan
+from align import estimate
 from align.models import load_tokenizer
 from conftest import read_metrics, run_align, write_recipe
 from test_ppo import _lora_reward_adapter
@@ -55,9 +55,9 @@ def test_ppo_and_rloo_log_held_out_points_with_compute(tmp_path, tiny_model, dat
     # is reused) times the step's real tokens, whose response part is logged.
     from transformers import AutoConfig
 
-    n = plan.count_parameters(AutoConfig.from_pretrained(str(tiny_model)))["total"]
-    n_score = plan._score_params(AutoConfig.from_pretrained(str(tiny_model)))
-    per_token = plan.ppo_flops(n, episodes=1, prompt_len=1, response_len=0, n_reference=n, n_reward=n_score,
+    n = estimate.count_parameters(AutoConfig.from_pretrained(str(tiny_model)))["total"]
+    n_score = estimate.score_parameters(AutoConfig.from_pretrained(str(tiny_model)))
+    per_token = estimate.ppo_flops(n, episodes=1, prompt_len=1, response_len=0, n_reference=n, n_reward=n_score,
                                n_critic=n_score, train_per_param_token=4.0)["total"]
     tokenizer = load_tokenizer(str(tiny_model))
     prompts = [json.loads(line)["prompt"] for line in (data_dir / "prompts.jsonl").read_text().splitlines()]

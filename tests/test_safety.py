@@ -267,7 +267,8 @@ def test_divergence_stops_the_stage_and_keeps_only_finite_checkpoints(tmp_path, 
     data, extra = DIVERGING[kind]
     stages = {kind: {"model": str(tiny_model), "dataset": {"path": str(data_dir / data)}, **TOO_HIGH,
                      "max_steps": 12, "per_device_train_batch_size": 8, "logging_steps": 4, **extra},
-              "after": {"type": "sft", "dataset": {"path": str(data_dir / "messages.jsonl")}, "max_steps": 2}}
+              "after": {"type": "sft", "model": f"${{{kind}}}" if kind != "reward" else str(tiny_model),
+                        "dataset": {"path": str(data_dir / "messages.jsonl")}, "max_steps": 2}}
     result = run_align(["run", write_recipe(tmp_path / "r.yaml", tmp_path / "run", stages)])
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-3000:]
     line = _error_line(result)
