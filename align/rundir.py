@@ -123,19 +123,28 @@ def remove(path, root, *, ignore_errors: bool = False):
 @contextlib.contextmanager
 def locked(run_dir):
     """Hold the run folder's lock for the block: a second `align run` on the folder stops at once.
-    It is an flock, so the kernel releases it when the process dies, however it dies."""
+    It is an flock, so the kernel releases it when the process dies, however it dies. The lock
+    file is removed when the block ends (still locked), so a finished or failed run leaves the
+    folder as it was; a process that locked a file just removed re-checks and takes the new one."""
     import fcntl
 
     path = Path(run_dir) / LOCK
-    handle = open(path, "a+")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        handle.seek(0)
-        holder = handle.read().strip() or "another process"
+    while True:
+        handle = open(path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise AlignError(f"output_dir '{run_dir}' is in use by another `align run` ({holder}); wait for it to "
+                             f"finish, or give this run another output_dir") from None
+        try:
+            if os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino:
+                break  # the file we locked is still the lock file
+        except FileNotFoundError:
+            pass
         handle.close()
-        raise AlignError(f"output_dir '{run_dir}' is in use by another `align run` ({holder}); wait for it to "
-                         f"finish, or give this run another output_dir") from None
     handle.seek(0)
     handle.truncate()
     handle.write(f"pid {os.getpid()}")
@@ -143,7 +152,8 @@ def locked(run_dir):
     try:
         yield
     finally:
-        handle.close()  # releases the lock; the file stays (removing it would race a new holder)
+        path.unlink(missing_ok=True)
+        handle.close()
 
 
 def file_sizes(folder, skip=()) -> dict[str, int]:

@@ -347,9 +347,10 @@ def _run_in_process(case_dir, argv, request, capsys, monkeypatch):
     subst = _substituter(case_dir, request)
     monkeypatch.chdir(case_dir)  # modules named in the case are found in the current folder
     monkeypatch.setattr(sys, "path", [str(REPO), *sys.path])  # tests.rewards; the loader may add the cwd
+    argv = [subst(a) for a in argv]  # builds the fixtures first: their load reports are not the case's output
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
-        main([subst(a) for a in argv])
+        main(argv)
     err = capsys.readouterr().err
     lines = [line for line in err.strip().splitlines() if line.strip()]
     return exit_info.value.code, lines

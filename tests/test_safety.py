@@ -204,6 +204,8 @@ def test_the_lock_excludes_a_second_holder_until_released(tmp_path):
         with pytest.raises(AlignError, match=f"in use by another `align run` \\(pid {os.getpid()}\\)"):
             with rundir.locked(tmp_path):
                 pass
+        assert (tmp_path / rundir.LOCK).exists()
+    assert not (tmp_path / rundir.LOCK).exists()  # a finished run leaves the folder as it was
     with rundir.locked(tmp_path):
         pass
 
