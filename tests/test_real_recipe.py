@@ -2,6 +2,7 @@
 Qwen2.5-0.5B (same sizes, no weights) checks every stage block against TRL's classes and prints
 the plan with memory per stage."""
 
+import pytest
 from transformers import Qwen2Config
 
 from conftest import REPO, run_align
@@ -21,3 +22,12 @@ def test_qwen_recipe_dry_run_offline(tmp_path):
         assert "GiB" in row or "MiB" in row, row
     assert "qlora r=16" in out
     assert not (tmp_path / "run" / "sft").exists(), "a dry run trains nothing"
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_recipe_loads(path):
+    """Recipes are checked against today's fields and rules (a recipe written for an older rule,
+    such as missing_eos_penalty's sign, fails here rather than at a user's first run)."""
+    from align.recipe import load_recipe
+
+    assert load_recipe(path).stages
