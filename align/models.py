@@ -108,6 +108,28 @@ def check_reward_model(path: str, where: str):
                          f"or another model type); use a reward stage's output, e.g. ${{reward}}")
 
 
+def disable_dropout(model):
+    """Dropout off everywhere: PPO's ratio then compares the same function twice (KL 0 and
+    ratio 1 before the first update), and TRL stages with `disable_dropout: true` get what the
+    field says (TRL's switch only reaches nn.Dropout modules). Zeroing the config is not
+    enough: layers copy their rates at construction (Llama's `attention_dropout`, OPT's `dropout` and `layerdrop`) and
+    read the copy in train mode. So: nn.Dropout modules (LoRA's too), every float attribute
+    of a module whose name says drop (the copies), and the configs (read at call time)."""
+    import torch
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for name, value in list(vars(module).items()):
+            if "drop" in name and isinstance(value, float):
+                setattr(module, name, 0.0)
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(config, "to_dict"):
+            for key, value in config.to_dict().items():
+                if isinstance(value, float) and "drop" in key:
+                    setattr(config, key, 0.0)
+
+
 # ---------------------------------------------------------------------------------------------
 # Tokenizers
 

@@ -138,7 +138,9 @@ def run(recipe: Recipe, only: str | None = None, dry_run: bool = False):
 
             problem = broadcast_object_list([problem])[0]
             if problem and not ctx.is_main:
-                sys.exit(2)  # the main process reports it
+                # The main process reports it and exits 2. Exiting 0 here lets it: a worker's
+                # failure would make the launcher kill the main process before it has printed.
+                sys.exit(0)
         if problem:
             raise AlignError(problem)
         if dry_run:

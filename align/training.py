@@ -171,6 +171,8 @@ def build_trainer(stage, ctx, trainer_cls, *, kind: str = "causal-lm", defaults=
     config_defaults = {"eval_strategy": "epoch"} if evals is not None else {}
     config_defaults.update((defaults(train) if callable(defaults) else defaults) or {})
     args = trainer_config(stage, ctx, **config_defaults)
+    if getattr(args, "disable_dropout", False):
+        models.disable_dropout(model)  # also the rates layers copied from the config (OPT, GPT-2)
     where = f"stages.{stage.name}"
     try:
         trainer = trainer_cls(model=model, args=args, train_dataset=train, eval_dataset=evals,

@@ -38,12 +38,8 @@ MAX_NEW = 48
 
 # (family, invariant) pairs that fail for a reason another branch fixes: strict, so they turn
 # into failures (and must be removed from here) once that fix is merged.
-DROPOUT = ("fidelity: OPT's layers copy config.dropout (0.1) at construction, so dropout stays on where it "
-           "is switched off (PPO's disable_dropout, TRL's disable_dropout=True); with dropout 0 this passes")
-XFAIL: dict[tuple[str, str], str] = {
-    ("opt", "kl zero"): DROPOUT,
-    ("opt", "reward loss falls"): DROPOUT,
-}
+# None today: OPT's two (dropout copied into its layers) pass since align.models.disable_dropout.
+XFAIL: dict[tuple[str, str], str] = {}
 
 
 def families(invariant: str, only=None):

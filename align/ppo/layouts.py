@@ -60,25 +60,6 @@ TRAINABLE_ADAPTERS = (POLICY, CRITIC)
 # --------------------------------------------------------------------------- helpers
 
 
-def disable_dropout(model: nn.Module):
-    """Dropout off everywhere, so PPO's ratio compares the same function twice (KL 0 and
-    ratio 1 before the first update). Zeroing the config is not enough: layers copy their
-    rates at construction (Llama's `attention_dropout`, OPT's `dropout` and `layerdrop`) and
-    read the copy in train mode. So: nn.Dropout modules (LoRA's too), every float attribute
-    of a module whose name says drop (the copies), and the configs (read at call time)."""
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
-            module.p = 0.0
-        for name, value in list(vars(module).items()):
-            if "drop" in name and isinstance(value, float):
-                setattr(module, name, 0.0)
-        config = getattr(module, "config", None)
-        if config is not None and hasattr(config, "to_dict"):
-            for key, value in config.to_dict().items():
-                if isinstance(value, float) and "drop" in key:
-                    setattr(config, key, 0.0)
-
-
 def freeze(model: nn.Module) -> nn.Module:
     model.requires_grad_(False)
     model.eval()
@@ -131,7 +112,7 @@ def load_roles(*, policy_path: str, tokenizer, reward_path: str | None, value_pa
         render.warn_once(f"model: '{policy_path}' has no chat template of its own; its prompts are rendered with "
                          f"align's ChatML template, as in every stage, eval and chat (train it with SFT first)")
     for module in [roles.actor_critic, *roles.frozen_modules()]:
-        disable_dropout(module)
+        models.disable_dropout(module)
     for module in roles.frozen_modules():
         freeze(module)
     roles.actor_critic.record_trainable()
