@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from align import chat, evaluate, infer, models, render
-from align.ppo.layouts import disable_dropout
+from align.models import disable_dropout
 from conftest import write_jsonl
 from test_ppo import FAST, _build, _lora_reward_adapter
 
