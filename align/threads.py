@@ -6,11 +6,14 @@ operation waits for the thread that is not running, and the spinning threads bur
 busy core needs. Measured here on 2 cores: SFT ran 9x slower beside one busy process.
 
 align therefore
-* lets OpenMP threads sleep instead of spin while they wait (`OMP_WAIT_POLICY=PASSIVE`);
 * counts the CPUs this process may actually use (its affinity mask and cgroup quota, not the
   machine's cores);
 * leaves out the CPUs that other processes keep busy right now (sampled from /proc/stat for a
-  quarter of a second as align starts), so a run beside a busy process uses the cores that are free.
+  quarter of a second as align starts), so a run beside a busy process uses the cores that are free;
+* when it shares the machine so, lets OpenMP threads sleep instead of spin while they wait
+  (`OMP_WAIT_POLICY=PASSIVE`). Not on an idle machine: there the wake-up latency of sleeping
+  threads made SFT on the quickstart's model 1.44x slower than torch's spinning default
+  (bench/threads_under_load.py).
 
 Override: `OMP_NUM_THREADS` (and `OMP_WAIT_POLICY`) set by the user are kept as they are.
 """
@@ -64,9 +67,11 @@ def choose_threads(cpus: int, busy: float) -> int:
 def configure() -> int:
     """Set the thread environment for this process (before torch is imported); returns the
     thread count chosen (or the user's)."""
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if os.environ.get("OMP_NUM_THREADS"):
         return int(os.environ["OMP_NUM_THREADS"]) if os.environ["OMP_NUM_THREADS"].isdigit() else 0
-    threads = choose_threads(available_cpus(), busy_cpus())
+    cpus = available_cpus()
+    threads = choose_threads(cpus, busy_cpus())
     os.environ["OMP_NUM_THREADS"] = str(threads)
+    if threads < cpus:  # other processes hold CPUs: a spinning thread would take time they need
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     return threads

@@ -40,7 +40,8 @@ def align_run(recipe: Path, env: dict) -> None:
 
 
 def write_recipe(path: Path, out: Path, stages: dict) -> Path:
-    path.write_text(yaml.safe_dump({"name": "bench", "seed": 42, "output_dir": str(out), "stages": stages}))
+    path.write_text(yaml.safe_dump({"name": "bench", "seed": 42, "output_dir": str(out), "stages": stages},
+                                   sort_keys=False))  # stages run in the order written
     return path
 
 
