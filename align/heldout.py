@@ -30,18 +30,11 @@ import numpy as np
 import torch
 
 from align import evaluate, infer
+from align.estimate import count_parameters, flops, ppo_flops, score_parameters
 from align.errors import AlignError
 from align.functions import check_spec, load_function
 
 KEYS = ("gold_score", "reward", "kl_to_ref", "response_length")  # logged as eval_<key>
-
-
-def planner():
-    """The compute counts `align plan` uses (align.estimate)."""
-    from align import estimate
-
-    return SimpleNamespace(params=lambda config: estimate.count_parameters(config)["total"],
-                           score_params=estimate.score_parameters, flops=estimate.flops, ppo_flops=estimate.ppo_flops)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,14 +214,13 @@ class PPOHeldOut:
     @staticmethod
     def _parameter_counts(roles) -> dict:
         """Parameters of each role as `align plan` counts them (LoRA: the shared base's)."""
-        count = planner()
         ac = roles.actor_critic
         base = ac.lm.config
         reward_config = roles.reward_model.config if roles.reward_model is not None else base
         critic_config = ac.critic.config if ac.critic is not None else base
-        return {"policy": count.params(base),
-                "reward": count.score_params(reward_config) if roles.has_reward_model else 0.0,
-                "critic": 0.0 if ac.on_policy else count.score_params(critic_config),
+        return {"policy": count_parameters(base)["total"],
+                "reward": score_parameters(reward_config) if roles.has_reward_model else 0.0,
+                "critic": 0.0 if ac.on_policy else score_parameters(critic_config),
                 "train_per_param_token": 4.0 if roles.layout == "shared" else 6.0}
 
     def step_flops(self, trainer, batch) -> float:
@@ -241,11 +233,10 @@ class PPOHeldOut:
         episodes = trainer.global_batch
         reuse = cfg.num_mini_batches * cfg.gradient_accumulation_steps == 1 and \
             (cfg.rollout_forward_batch_size or cfg.per_device_train_batch_size) >= cfg.per_device_train_batch_size
-        return planner().ppo_flops(n["policy"], episodes=episodes, prompt_len=prompt_tokens / episodes,
-                                   response_len=response_tokens / episodes, ppo_epochs=cfg.num_ppo_epochs,
-                                   n_reference=n["policy"], n_reward=n["reward"], n_critic=n["critic"],
-                                   train_per_param_token=n["train_per_param_token"],
-                                   reuse_rollout_pass=reuse)["total"]
+        return ppo_flops(n["policy"], episodes=episodes, prompt_len=prompt_tokens / episodes,
+                         response_len=response_tokens / episodes, ppo_epochs=cfg.num_ppo_epochs,
+                         n_reference=n["policy"], n_reward=n["reward"], n_critic=n["critic"],
+                         train_per_param_token=n["train_per_param_token"], reuse_rollout_pass=reuse)["total"]
 
 
 @contextmanager
@@ -264,11 +255,10 @@ def _role(switch, name: str = "ref"):
 def online_flops_per_token(model, reward_model, *, beta: float, lora: bool, num_iterations: int) -> float:
     """FLOPs per generated-sequence token of RLOO/GRPO, as align plan counts them: generation,
     reward model and (with beta > 0) reference forwards, plus the policy's training passes."""
-    count = planner()
-    n_policy = count.params(model.config)
-    n_reward = count.score_params(reward_model.config) if reward_model is not None else 0.0
-    forwards = count.flops(n_policy + n_reward + (n_policy if beta > 0 else 0.0), 1, per_param_token=2.0)
-    return forwards + count.flops(n_policy, 1, per_param_token=(4.0 if lora else 6.0) * num_iterations)
+    n_policy = count_parameters(model.config)["total"]
+    n_reward = score_parameters(reward_model.config) if reward_model is not None else 0.0
+    forwards = flops(n_policy + n_reward + (n_policy if beta > 0 else 0.0), 1, per_param_token=2.0)
+    return forwards + flops(n_policy, 1, per_param_token=(4.0 if lora else 6.0) * num_iterations)
 
 
 def trainer_class(base):
